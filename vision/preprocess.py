@@ -1,0 +1,183 @@
+"""Image loading and the deterministic pixel transform that feeds the vision encoder.
+
+`load_image` turns whatever a user or a shard hands us (a PIL image, a path,
+raw bytes, a binary file object) into an upright 8-bit RGB image, or raises
+`ImageError` naming the source and the reason. Transparent images are composited
+on white, 16-bit and float images are scaled to 8 bits (not clipped), EXIF
+orientation is applied, and the pixel count is capped before decoding so a
+decompression bomb is refused from its header alone.
+
+`build_transform` resizes to exactly image_size x image_size (squash, no crop:
+the synthetic captions name positions, so nothing may be cut off or flipped)
+and normalises with timm's mean/std. It runs in data-loader workers for every
+sample, so it is a picklable object doing one PIL resize and one fused
+uint8 -> float multiply-add.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 64_000_000
+_EXIF_ORIENTATION = 0x0112
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
+
+
+class ImageError(ValueError):
+    """An image that cannot be used: unreadable, empty, too large, or missing."""
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, (str, Path)):
+        return str(x)
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return f"bytes of length {len(x)}"
+    if isinstance(x, Image.Image):
+        return f"PIL image {x.mode} {x.size[0]}x{x.size[1]}"
+    return getattr(x, "name", None) or type(x).__name__
+
+
+def _open(x: Any, source: str) -> Image.Image:
+    if isinstance(x, (str, Path)):
+        path = Path(x).expanduser()
+        if not path.is_file():
+            raise ImageError(f"{source}: no such file")
+        return Image.open(io.BytesIO(path.read_bytes()))  # no file handle left open (multi-frame files)
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        if len(x) == 0:
+            raise ImageError(f"{source}: empty")
+        return Image.open(io.BytesIO(bytes(x)))
+    if hasattr(x, "read"):
+        return Image.open(x)
+    raise ImageError(f"cannot load an image from {type(x).__name__}; give a PIL image, a path or bytes")
+
+
+def _scale_to_uint8(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit integer images to 8 bits by range (65535 -> 255); float images from [0, 1]."""
+    arr = np.asarray(img)
+    if img.mode == "F":
+        arr = np.nan_to_num(arr.astype(np.float32), nan=0.0)
+        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0  # [0, 1] floats, else already 0..255
+        arr = np.clip(arr * scale, 0, 255)
+    else:  # I, I;16, I;16B, ...: PNG/TIFF 16-bit grey; 257 = 65535 / 255 maps the ends exactly
+        arr = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.rint(arr).astype(np.uint8))  # 2-D uint8 -> mode L
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB; transparency is composited on a white background."""
+    if img.mode == "RGB" and "transparency" not in img.info:
+        return img
+    if img.mode == "F" or img.mode.startswith("I"):
+        img = _scale_to_uint8(img)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """A PIL image, path (str/Path), bytes or binary file -> upright RGB PIL image.
+
+    Images over `max_pixels` are refused before they are decoded. PIL's own bomb
+    guard (Image.MAX_IMAGE_PIXELS) still applies above our cap.
+    """
+    source = _describe(x)
+    try:
+        with warnings.catch_warnings():
+            # we enforce our own cap below; PIL's warning for images between its limit and ours is noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = x if isinstance(x, Image.Image) else _open(x, source)
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{source}: refused as a decompression bomb by PIL ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for unreadable data
+        raise ImageError(f"{source}: not a readable image ({e})") from e
+    width, height = img.size
+    if width == 0 or height == 0:
+        raise ImageError(f"{source}: zero-size image ({width}x{height})")
+    if max_pixels and width * height > max_pixels:
+        raise ImageError(
+            f"{source}: {width}x{height} = {width * height} pixels is over the limit of {max_pixels} "
+            f"(possible decompression bomb; raise max_pixels if the image is genuine)"
+        )
+    try:
+        img.load()
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # skip exif_transpose's copy when upright
+            img = ImageOps.exif_transpose(img)
+        return to_rgb(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{source}: cannot decode ({e})") from e
+
+
+class ImageTransform:
+    """PIL image -> normalised float tensor [3, size, size]; picklable for data-loader workers."""
+
+    def __init__(self, image_size: int, mean, std, interpolation: str = "bicubic"):
+        if interpolation not in _RESAMPLE:
+            raise ValueError(f"unknown interpolation {interpolation!r}; choose one of {sorted(_RESAMPLE)}")
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"mean and std need 3 values (RGB), got {mean} and {std}")
+        self.image_size = int(image_size)
+        self.interpolation = interpolation
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        # (x / 255 - mean) / std folded into one multiply-add on the uint8 pixels
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in self.std])
+        self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)])
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = to_rgb(img)
+        size = (self.image_size, self.image_size)
+        if img.size != size:
+            img = img.resize(size, _RESAMPLE[self.interpolation])
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3], a writable copy
+        out = torch.addcmul(self._shift, pixels, self._scale)  # [H, W, 3] float32
+        return out.permute(2, 0, 1).contiguous()  # [3, H, W]
+
+    def __repr__(self) -> str:
+        return (f"ImageTransform(image_size={self.image_size}, mean={self.mean}, std={self.std}, "
+                f"interpolation={self.interpolation!r})")
+
+
+def build_transform(
+    data_config: dict | None = None,
+    *,
+    image_size: int | None = None,
+    mean=None,
+    std=None,
+    interpolation: str | None = None,
+) -> ImageTransform:
+    """From timm's data config (`VisionEncoder.data_config`), or from explicit values.
+
+    Explicit keyword values override the data config's.
+    """
+    cfg = dict(data_config or {})
+    if image_size is None:
+        if "input_size" not in cfg:
+            raise ValueError("build_transform needs a data_config with 'input_size' or image_size=")
+        image_size = cfg["input_size"][-1]
+    mean = mean if mean is not None else cfg.get("mean")
+    std = std if std is not None else cfg.get("std")
+    if mean is None or std is None:
+        raise ValueError("build_transform needs mean and std (from the data_config or given)")
+    interpolation = interpolation or cfg.get("interpolation") or "bicubic"
+    return ImageTransform(image_size, mean, std, interpolation)

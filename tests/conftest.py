@@ -1,7 +1,13 @@
-"""Shared fixtures: tiny configs and seeds. Tests run on the CPU unless marked `gpu`."""
+"""Shared fixtures: tiny configs, synthetic shards and a briefly trained tiny captioner.
+
+Tests run on the CPU unless marked `gpu`; the session fixtures are built once per run.
+"""
 
 import pytest
 import torch
+
+from lm.config import LMConfig
+from mm.config import MMConfig, ProjectorConfig, VisionConfig
 
 
 def pytest_collection_modifyitems(config, items):
@@ -16,3 +22,48 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def micro_config(vocab_size: int = 512, **lm_changes) -> MMConfig:
+    """A captioner small enough to train for a few steps in a test: timm's test_resnet at 64 px
+    (2x2 = 4 image tokens), a 2-layer MLA decoder (1 dense + 1 MoE layer) with MTP depth 1."""
+    lm = LMConfig(vocab_size=vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  intermediate_size=128, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                  v_head_dim=16, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
+                  moe_intermediate_size=32, max_position_embeddings=128, bias_update_speed=0.01)
+    return MMConfig(vision=VisionConfig(model_name="test_resnet", image_size=64),
+                    projector=ProjectorConfig(), lm=lm.replace(**lm_changes), max_text_len=48)
+
+
+@pytest.fixture(scope="session")
+def synth_shards(tmp_path_factory):
+    """Synthetic scene shards: train (4 x 64 samples) and test (1 x 32)."""
+    from train.shards import write_synthetic
+
+    root = tmp_path_factory.mktemp("shards")
+    write_synthetic(str(root), 256, seed=0, split="train", per_shard=64)
+    write_synthetic(str(root), 32, seed=0, split="test", per_shard=32)
+    return {"root": root, "train": str(root / "train-{000000..000003}.tar"),
+            "test": str(root / "test-000000.tar")}
+
+
+def micro_train_config(synth_shards, out_dir, **changes):
+    from train.config import DataConfig, OptimConfig, TrainConfig
+
+    cfg = TrainConfig(
+        model=micro_config(), out_dir=str(out_dir), precision="fp32", channels_last=False,
+        data=DataConfig(train=synth_shards["train"], num_workers=0, shuffle=50, epoch_batches=16),
+        optim=OptimConfig(lr=3e-3, warmup_steps=5, max_steps=40, batch_size=16),
+        log_every=10, save_every=1000, tokenizer_vocab=320, tokenizer_samples=1000,
+    )
+    return cfg.replace(**changes)
+
+
+@pytest.fixture(scope="session")
+def trained_micro(synth_shards, tmp_path_factory):
+    """A micro captioner trained for 40 steps: a real checkpoint directory for mm tests."""
+    from train.trainer import train
+
+    out = tmp_path_factory.mktemp("micro_run")
+    path = train(micro_train_config(synth_shards, out))
+    return path

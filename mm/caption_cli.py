@@ -1,0 +1,131 @@
+"""`mm caption`: caption files, folders, globs and webdataset shards to JSONL.
+
+One JSON line per captioned image (`{"path"|"key", "caption", "task"}`) goes to
+stdout or `--out`; a progress bar goes to stderr. An unreadable or non-image input
+is reported with its path and the reason and skipped; the exit status is the
+number of inputs that failed (capped at 255), 0 when all went well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SHARD_HINTS = (".tar", ".tar.gz", ".tgz")
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("inputs", nargs="+", help="image files, directories, globs, or webdataset shard URLs")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the bundled model)")
+    p.add_argument("--task", default="caption", help="caption, describe, caption_zh, describe_zh, ...")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default=None, help="write JSONL here instead of stdout")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 or bfloat16")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding (no MTP drafts)")
+
+
+def is_shard(spec: str) -> bool:
+    return spec.startswith(("pipe:", "http://", "https://")) or spec.endswith(SHARD_HINTS)
+
+
+def expand(inputs: list[str]) -> Iterator[tuple[str, str]]:
+    """('file', path) for images (folders recursively, globs expanded) and ('shard', url)."""
+    for spec in inputs:
+        if is_shard(spec):
+            yield "shard", spec
+        elif Path(spec).is_dir():
+            for p in sorted(Path(spec).rglob("*")):
+                if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
+                    yield "file", str(p)
+        elif any(c in spec for c in "*?[") and not Path(spec).exists():
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                yield "missing", spec
+            yield from (("file", m) for m in matches if Path(m).is_file())
+        else:
+            yield "file", spec
+
+
+def items(inputs: list[str]) -> Iterator[tuple[dict, object]]:
+    """(record, image source) pairs; a source that cannot be used is an Exception instance."""
+    import webdataset as wds
+
+    for kind, spec in expand(inputs):
+        if kind == "missing":
+            yield {"path": spec}, FileNotFoundError("the pattern matches no file")
+        elif kind == "file":
+            yield {"path": spec}, spec
+        else:
+            ds = wds.WebDataset(spec, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
+            for sample in ds:
+                img = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
+                rec = {"key": sample["__key__"], "url": sample.get("__url__", spec)}
+                yield rec, (img if img is not None else ValueError("the sample has no jpg/png/webp image"))
+
+
+def run(args) -> int:
+    from mm.captioner import Captioner
+    from vision.preprocess import ImageError, load_image
+
+    try:
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                        batch_size=args.batch_size)
+        cap.model.cfg.prompt(args.task)  # an unknown task fails before any work
+    except ValueError as e:  # CheckpointError, ConfigError
+        print(f"mm caption: {e}", file=sys.stderr)
+        return 2
+    options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, temperature=args.temperature,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                   speculative=not args.no_speculative)
+    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    failed = done = 0
+    pending: list[tuple[dict, object]] = []
+    bar = tqdm(desc="caption", unit="img", file=sys.stderr, dynamic_ncols=True)
+
+    def flush():
+        nonlocal done
+        if not pending:
+            return
+        texts = cap.caption([img for _, img in pending], task=args.task, **options)
+        for (rec, _), text in zip(pending, texts):
+            out.write(json.dumps(rec | {"caption": text, "task": args.task}, ensure_ascii=False) + "\n")
+        out.flush()
+        done += len(pending)
+        bar.update(len(pending))
+        pending.clear()
+
+    try:
+        for rec, source in items(args.inputs):
+            name = rec.get("path") or f"{rec.get('url')}#{rec.get('key')}"
+            try:
+                if isinstance(source, Exception):
+                    raise source
+                image = load_image(source)
+            except (ImageError, OSError, ValueError) as e:
+                failed += 1
+                tqdm.write(f"mm caption: skipped {name}: {e}", file=sys.stderr)
+                continue
+            pending.append((rec, image))
+            if len(pending) >= args.batch_size:
+                flush()
+        flush()
+    finally:
+        bar.close()
+        if out is not sys.stdout:
+            out.close()
+    print(f"mm caption: {done} captioned, {failed} failed", file=sys.stderr)
+    return min(failed, 255)

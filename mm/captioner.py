@@ -1,0 +1,125 @@
+"""`Captioner`: the user-facing API. Images in (PIL, paths or bytes), text out.
+
+    cap = Captioner.from_pretrained()          # the bundled default model
+    cap.caption(image)                         # -> str
+    cap.caption([a, b], task="describe")       # -> list[str]
+    for piece in cap.stream(image): ...        # text as it is generated
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from mm.checkpoint import load_checkpoint, save_checkpoint
+from mm.generate import GenerationConfig, GenerationStats, generate, stream_tokens
+from vision.preprocess import build_transform, load_image
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "default_model"
+_GEN_OPTIONS = {f.name for f in fields(GenerationConfig)}
+
+
+@dataclass
+class CaptionResult:
+    texts: list[str]
+    stats: GenerationStats
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+    return names[dtype]
+
+
+class Captioner:
+    def __init__(self, model, tokenizer, device="cpu", batch_size: int = 16):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.transform = build_transform(model.vision.data_config)
+        self.path: Path | None = None
+
+    @classmethod
+    def from_pretrained(cls, path=None, device=None, dtype=None, batch_size: int = 16) -> Captioner:
+        """Load a checkpoint directory; None loads the bundled default model."""
+        path = Path(path) if path is not None else DEFAULT_MODEL_DIR
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_checkpoint(path, device=device, dtype=_dtype(dtype))
+        cap = cls(model, tokenizer, device=device, batch_size=batch_size)
+        cap.path = path
+        return cap
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.model.cfg.tasks)
+
+    def save_pretrained(self, path) -> Path:
+        return save_checkpoint(path, self.model, self.tokenizer)
+
+    def _gen_config(self, options: dict) -> GenerationConfig:
+        unknown = sorted(set(options) - _GEN_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown generation option(s) {unknown}; valid: {sorted(_GEN_OPTIONS)}")
+        return GenerationConfig(**options).validate()
+
+    def _prefix(self, task: str, n: int) -> torch.Tensor:
+        prompt = self.model.cfg.prompt(task)  # raises on an unknown task, naming the known ones
+        ids = self.tokenizer.build_prompt(prompt, self.model.num_image_tokens)
+        return torch.tensor([ids] * n, device=self.device)
+
+    def _pixels(self, images) -> torch.Tensor:
+        param = next(self.model.parameters())
+        batch = torch.stack([self.transform(load_image(im)) for im in images])
+        return batch.to(device=self.device, dtype=param.dtype)
+
+    def run(self, images, task: str = "caption", **options) -> CaptionResult:
+        """Caption a list of images; texts plus timing, speculation and expert-load stats."""
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        if not images:
+            raise ValueError("no images given: pass an image or a non-empty list of images")
+        gen = self._gen_config(options)
+        self._prefix(task, 1)
+        texts, total = [], GenerationStats()
+        for i in range(0, len(images), self.batch_size):
+            chunk = images[i : i + self.batch_size]
+            ids, stats = generate(self.model, self._pixels(chunk), self._prefix(task, len(chunk)), gen,
+                                  self.tokenizer.eos_id)
+            texts += [self.tokenizer.decode(row).strip() for row in ids]
+            total.add(stats)
+        return CaptionResult(texts, total)
+
+    def caption(self, images, task: str = "caption", **options):
+        """A caption (str) for one image, or a list of captions for a list of images."""
+        texts = self.run(images, task, **options).texts
+        return texts if isinstance(images, (list, tuple)) else texts[0]
+
+    def stream(self, image, task: str = "caption", stats: GenerationStats | None = None,
+               **options) -> Iterator[str]:
+        """Yield the caption's text as it is generated, whole characters only."""
+        gen = self._gen_config(options)
+        if gen.num_beams > 1:
+            raise ValueError("beam search cannot stream: use num_beams=1, or caption() for beams")
+        stats = stats if stats is not None else GenerationStats()
+        decoder = self.tokenizer.stream_decoder()
+        started = False
+        with torch.inference_mode():
+            pixels, prefix = self._pixels([image]), self._prefix(task, 1)
+            for step in stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats):
+                for tok in step[0]:
+                    piece = decoder.push(tok)
+                    if not started:  # the caption's leading space is not part of the text
+                        piece = piece.lstrip()
+                        started = bool(piece)
+                    if piece:
+                        yield piece
+

@@ -1,0 +1,290 @@
+"""Text generation over the MLA latent cache: greedy, sampling, beam search, MTP speculation.
+
+Every decoder here prefills `<bos> <image>*N <prompt>` once into an `lm.KVCache` (which
+holds only the KV latent and the rope key per token) and then feeds one token per row
+per step. Rows of a batch share the prompt length (one task per call), so no padding
+is needed; finished rows keep emitting `<eos>` until every row is done.
+
+Self-speculative decoding (greedy only) uses the MTP module as the drafter: the main
+model's last hidden state and the embedding of the token it just chose give a draft of
+the token after that; one main forward over [token, draft] both verifies the draft and
+yields the following token, so an accepted draft produces two tokens per forward. The
+output is token-for-token that of plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+import lm
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    num_beams: int = 1
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # over the tokens generated so far (CTRL-style)
+    length_penalty: float = 1.0  # beam search: score / length ** length_penalty
+    speculative: bool = False  # MTP drafts; used when decoding is greedy and the model has MTP
+    seed: int | None = None
+
+    def validate(self):
+        problems = []
+        if not 1 <= self.max_new_tokens <= 4096:
+            problems.append(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            problems.append(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
+        if self.num_beams < 1:
+            problems.append(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty <= 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.num_beams > 1 and self.temperature > 0:
+            problems.append("beam search is deterministic: use temperature 0 with num_beams > 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def uses_speculation(self, model) -> bool:
+        return (self.speculative and self.num_beams == 1 and self.temperature == 0
+                and self.repetition_penalty == 1.0 and model.cfg.lm.num_nextn_predict_layers > 0)
+
+
+@dataclass
+class GenerationStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    new_tokens: int = 0  # tokens produced over all rows (up to and including <eos>)
+    rows: int = 0  # sequences decoded
+    forwards: int = 0  # per-sequence main-model forward passes after the prefill
+    drafts: int = 0
+    accepted: int = 0
+    speculative: bool = False
+    expert_load: list = field(default_factory=list)  # [moe layer][expert] tokens routed
+
+    def add(self, other: GenerationStats) -> GenerationStats:
+        """Fold another call's stats (of the same model) into these."""
+        for name in ("prefill_s", "decode_s", "new_tokens", "rows", "forwards", "drafts", "accepted"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.speculative = self.speculative or other.speculative
+        if not self.expert_load:
+            self.expert_load = [list(layer) for layer in other.expert_load]
+        else:
+            self.expert_load = [[a + b for a, b in zip(x, y)] for x, y in zip(self.expert_load, other.expert_load)]
+        return self
+
+    @property
+    def acceptance(self) -> float | None:
+        return self.accepted / self.drafts if self.drafts else None
+
+    @property
+    def tokens_per_forward(self) -> float | None:
+        steps = self.forwards + self.rows  # each prefill yields a sequence's first token
+        return self.new_tokens / steps if self.new_tokens else None
+
+
+class _Session:
+    """Shared plumbing: the prefill, one-token steps, and the expert-load tally."""
+
+    def __init__(self, model, images, prefix_ids, max_len, stats):
+        self.model, self.lm, self.stats = model, model.lm, stats
+        self.moe = lm.moe_layers(model.lm.layers)  # the main model's; MTP layers only draft
+        self.load = [torch.zeros_like(m.last_load, dtype=torch.float64) for m in self.moe]
+        t0 = time.perf_counter()
+        embeds = model.embed(prefix_ids, model.encode_images(images))
+        self.cache = model.lm.new_cache(prefix_ids.shape[0], max_len, device=prefix_ids.device,
+                                        dtype=embeds.dtype)
+        self.out = self.lm(inputs_embeds=embeds, cache=self.cache, return_hidden=True)
+        self.embeds = embeds
+        stats.rows += prefix_ids.shape[0]
+        self._tally()
+        stats.prefill_s = time.perf_counter() - t0
+
+    def _tally(self):
+        for acc, m in zip(self.load, self.moe):
+            acc += m.last_load.double().cpu()
+
+    def step(self, ids: torch.Tensor, active: int | None = None):
+        """Feed ids [B, n]; returns the LMOutput of those positions. `active` rows are counted."""
+        self.out = self.lm(input_ids=ids, cache=self.cache, return_hidden=True)
+        self.stats.forwards += ids.shape[0] if active is None else active
+        self._tally()
+        return self.out
+
+    def finish(self):
+        self.stats.expert_load = [acc.tolist() for acc in self.load]
+
+
+def _process(logits, generated, step, gen: GenerationConfig, eos_id):
+    """Apply repetition penalty and the min-length rule to next-token logits [B, V] (fp32)."""
+    logits = logits.float()
+    if gen.repetition_penalty != 1.0 and generated.shape[1]:
+        prev = logits.gather(1, generated)
+        prev = torch.where(prev > 0, prev / gen.repetition_penalty, prev * gen.repetition_penalty)
+        logits = logits.scatter(1, generated, prev)
+    if step < gen.min_new_tokens:
+        logits[:, eos_id] = float("-inf")
+    return logits
+
+
+def _choose(logits, gen: GenerationConfig, rng):
+    if gen.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / gen.temperature
+    if gen.top_k:
+        kth = logits.topk(min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if gen.top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= gen.top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
+
+
+def _rng(gen, device):
+    if gen.temperature == 0:
+        return None
+    g = torch.Generator(device=device)
+    g.manual_seed(gen.seed if gen.seed is not None else torch.seed())
+    return g
+
+
+def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
+                  stats: GenerationStats) -> Iterator[list[list[int]]]:
+    """Yield, step by step, the new token ids of each row (empty once a row has ended)."""
+    if gen.uses_speculation(model):
+        if images.shape[0] != 1:
+            raise ValueError("speculative streaming takes one image at a time")
+        yield from _speculative(model, images, prefix_ids, gen, eos_id, stats)
+        return
+    B = prefix_ids.shape[0]
+    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens, stats)
+    rng = _rng(gen, prefix_ids.device)
+    generated = prefix_ids.new_zeros(B, 0)
+    done = torch.zeros(B, dtype=torch.bool, device=prefix_ids.device)
+    t0 = time.perf_counter()
+    for step in range(gen.max_new_tokens):
+        nxt = _choose(_process(s.out.logits[:, -1], generated, step, gen, eos_id), gen, rng)
+        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+        yield [[] if d else [t] for d, t in zip(done.tolist(), nxt.tolist())]
+        stats.new_tokens += int((~done).sum())
+        generated = torch.cat([generated, nxt[:, None]], 1)
+        done |= nxt == eos_id
+        if bool(done.all()) or step == gen.max_new_tokens - 1:
+            break
+        s.step(nxt[:, None], active=int((~done).sum()))
+    stats.decode_s = time.perf_counter() - t0
+    s.finish()
+
+
+def _speculative(model, images, prefix_ids, gen, eos_id, stats):
+    stats.speculative = True
+    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + 2, stats)
+    t0 = time.perf_counter()
+    tok = int(s.out.logits[0, -1].argmax())
+    produced = 1
+    yield [[tok]]
+    # The MTP module over the whole prefix: position i sees h_i and the embedding of token i+1.
+    ahead = torch.cat([s.embeds[:, 1:], model.lm.embed(prefix_ids.new_tensor([[tok]]))], 1)
+    draft_logits, _ = model.lm.mtp_step(1, s.out.hidden, ahead, cache=s.cache)
+    while tok != eos_id and produced < gen.max_new_tokens:
+        draft = int(draft_logits[0, -1].argmax())
+        out = s.step(prefix_ids.new_tensor([[tok, draft]]))
+        stats.drafts += 1
+        best = out.logits[0].argmax(-1).tolist()
+        if best[0] == draft:
+            stats.accepted += 1
+            new, hidden = [draft, best[1]], out.hidden
+        else:
+            s.cache.crop(s.cache.length - 1)
+            new, hidden = [best[0]], out.hidden[:, :1]
+        if eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        new = new[: gen.max_new_tokens - produced]
+        produced += len(new)
+        tok = new[-1]
+        yield [new]
+        if tok == eos_id or produced >= gen.max_new_tokens:
+            break
+        ahead = model.lm.embed(prefix_ids.new_tensor([new]))
+        draft_logits, _ = model.lm.mtp_step(1, hidden[:, : len(new)], ahead, cache=s.cache)
+    stats.new_tokens += produced
+    stats.decode_s = time.perf_counter() - t0
+    s.finish()
+
+
+def beam_search(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
+                stats: GenerationStats) -> list[list[int]]:
+    """Beam search; a finished beam keeps its score and only extends with <eos> at no cost."""
+    B, K = prefix_ids.shape[0], gen.num_beams
+    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens, stats)
+    t0 = time.perf_counter()
+    s.cache.reorder(torch.arange(B, device=prefix_ids.device).repeat_interleave(K))
+    logits = s.out.logits[:, -1].repeat_interleave(K, 0)
+    scores = torch.full((B, K), float("-inf"), device=logits.device)
+    scores[:, 0] = 0.0
+    seqs = prefix_ids.new_zeros(B * K, 0)
+    lengths = torch.zeros(B * K, device=logits.device)
+    for step in range(gen.max_new_tokens):
+        logp = _process(logits, seqs, step, gen, eos_id).log_softmax(-1)
+        ended = seqs[:, -1] == eos_id if seqs.shape[1] else torch.zeros_like(lengths, dtype=torch.bool)
+        logp[ended] = float("-inf")
+        logp[ended, eos_id] = 0.0
+        V = logp.shape[-1]
+        total = (scores.view(-1, 1) + logp).view(B, K * V)
+        scores, flat = total.topk(K, dim=-1)
+        beam = torch.div(flat, V, rounding_mode="floor") + torch.arange(B, device=flat.device)[:, None] * K
+        beam, tok = beam.view(-1), (flat % V).view(-1)
+        was_ended = ended[beam]
+        seqs = torch.cat([seqs[beam], tok[:, None]], 1)
+        lengths = lengths[beam] + (~was_ended).float()
+        stats.new_tokens += int((~was_ended).sum())
+        if bool((tok == eos_id).all()):
+            break
+        s.cache.reorder(beam)
+        logits = s.step(tok[:, None]).logits[:, -1]
+    stats.decode_s = time.perf_counter() - t0
+    s.finish()
+    norm = scores.view(-1) / lengths.clamp(min=1) ** gen.length_penalty
+    best = norm.view(B, K).argmax(-1) + torch.arange(B, device=norm.device) * K
+    results = []
+    for row in seqs[best].tolist():
+        results.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    stats.new_tokens = sum(len(r) for r in results)
+    return results
+
+
+@torch.inference_mode()
+def generate(model, images, prefix_ids, gen: GenerationConfig, eos_id: int):
+    """Token ids per row (ending with <eos> unless max_new_tokens cut them) and the stats."""
+    gen.validate()
+    stats = GenerationStats()
+    if gen.num_beams > 1:
+        return beam_search(model, images, prefix_ids, gen, eos_id, stats), stats
+    if gen.uses_speculation(model) and images.shape[0] > 1:
+        # Acceptance differs per row, so speculation decodes the rows one at a time.
+        rows = [generate(model, images[i : i + 1], prefix_ids[i : i + 1], gen, eos_id) for i in range(len(images))]
+        merged = GenerationStats()
+        for _, st in rows:
+            merged.add(st)
+        return [r[0][0] for r in rows], merged
+    out = [[] for _ in range(prefix_ids.shape[0])]
+    for step in stream_tokens(model, images, prefix_ids, gen, eos_id, stats):
+        for row, new in zip(out, step):
+            row.extend(new)
+    return out, stats

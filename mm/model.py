@@ -1,0 +1,94 @@
+"""The captioner: timm vision encoder -> projector -> DeepSeek-style language model.
+
+Sequence layout (DESIGN.md): `<bos> <image>*N <prompt> <caption> <eos>`. The `<image>`
+placeholder ids are swapped for the projected patch embeddings before the LM runs,
+so the LM never sees the placeholder's own embedding. The loss covers the caption
+and `<eos>` only (the labels mask is built by the tokenizer), plus the MTP loss
+weighted by `lm.mtp_lambda` and the optional sequence-wise balance loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import lm
+from mm.config import MMConfig
+from mm.projector import Projector
+from vision import VisionEncoder
+
+
+@dataclass
+class CaptionLoss:
+    loss: torch.Tensor  # what the optimiser minimises
+    main: torch.Tensor
+    mtp: torch.Tensor
+    aux: torch.Tensor
+
+
+def build_vision(cfg: MMConfig) -> VisionEncoder:
+    v = cfg.vision
+    return VisionEncoder(
+        v.model_name, image_size=v.image_size, feature_layer=v.feature_layer,
+        pretrained=v.pretrained, pretrained_file=v.pretrained_file, model_kwargs=v.model_kwargs,
+        freeze=v.freeze, unfreeze_last=v.unfreeze_last, grad_checkpointing=v.grad_checkpointing,
+    )
+
+
+class CaptionModel(nn.Module):
+    def __init__(self, cfg: MMConfig, image_token_id: int, vision: VisionEncoder | None = None,
+                 language_model: lm.Transformer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.image_token_id = image_token_id
+        self.vision = vision if vision is not None else build_vision(cfg)
+        p = cfg.projector
+        self.projector = Projector(
+            self.vision.out_dim, cfg.lm.hidden_size, grid=self.vision.grid,
+            pixel_shuffle=p.pixel_shuffle, hidden_mult=p.hidden_mult, pos_embed=p.pos_embed,
+        )
+        self.lm = language_model if language_model is not None else lm.Transformer(cfg.lm)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_tokens
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] -> projected image tokens [B, N, d_lm]."""
+        return self.projector(self.vision(images))
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every `<image>` position replaced, in order, by an image token."""
+        embeds = self.lm.embed(input_ids)
+        is_image = input_ids == self.image_token_id
+        n = int(is_image.sum())
+        if n != image_embeds.shape[0] * image_embeds.shape[1]:
+            raise ValueError(
+                f"the batch holds {n} <image> tokens but the encoder produced "
+                f"{image_embeds.shape[0]} x {image_embeds.shape[1]}; each sequence needs exactly "
+                f"{self.num_image_tokens} <image> tokens"
+            )
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(self, images, input_ids, attention_mask=None, labels=None):
+        embeds = self.embed(input_ids, self.encode_images(images))
+        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, return_hidden=True)
+        if labels is None:
+            return out
+        return self.loss(out, embeds, attention_mask, labels)
+
+    def loss(self, out, embeds, attention_mask, labels) -> CaptionLoss:
+        main = F.cross_entropy(
+            out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+        )
+        total = main
+        mtp = torch.zeros((), device=main.device)
+        if self.cfg.lm.num_nextn_predict_layers > 0 and self.cfg.lm.mtp_lambda > 0:
+            mtp_logits = self.lm.mtp_logits(out.hidden, embeds, attention_mask)
+            mtp, _ = lm.mtp_loss(mtp_logits, labels, self.cfg.lm.mtp_lambda)
+            total = total + mtp
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=main.device)
+        return CaptionLoss(loss=total + aux, main=main, mtp=mtp, aux=aux)

@@ -1,0 +1,127 @@
+"""Generation invariants: cached decoding == repeated full forwards, speculative == greedy,
+batched == one at a time, and the option checks."""
+
+import pytest
+import torch
+
+from mm.checkpoint import load_checkpoint
+from mm.generate import GenerationConfig, generate
+from train.scenes import render, sample_rng, sample_scene
+from vision.preprocess import build_transform
+
+
+@pytest.fixture(scope="module")
+def loaded(trained_micro):
+    model, tok = load_checkpoint(trained_micro)
+    tf = build_transform(model.vision.data_config)
+    images = torch.stack([tf(render(sample_scene(sample_rng("test", 5, i)))) for i in range(3)])
+    return model, tok, images
+
+
+def prefix(model, tok, task, n):
+    return torch.tensor([tok.build_prompt(model.cfg.tasks[task], model.num_image_tokens)] * n)
+
+
+def greedy_by_full_forwards(model, tok, image, task, max_new):
+    """Reference decoder: no cache, the whole sequence re-run for every new token."""
+    ids = prefix(model, tok, task, 1)
+    image_embeds = model.encode_images(image[None])
+    out = []
+    for _ in range(max_new):
+        logits = model.lm(inputs_embeds=model.embed(ids, image_embeds))
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        if nxt == tok.eos_id:
+            break
+        ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return out
+
+
+@pytest.mark.parametrize("task", ["caption", "describe"])
+def test_cached_greedy_equals_full_forward_greedy(loaded, task):
+    model, tok, images = loaded
+    with torch.no_grad():
+        ref = greedy_by_full_forwards(model, tok, images[0], task, 24)
+    got, _ = generate(model, images[:1], prefix(model, tok, task, 1),
+                      GenerationConfig(max_new_tokens=24), tok.eos_id)
+    assert got[0] == ref
+
+
+@pytest.mark.parametrize("task", ["caption", "describe", "describe_zh"])
+def test_speculative_equals_greedy(loaded, task):
+    model, tok, images = loaded
+    p = prefix(model, tok, task, len(images))
+    plain, s1 = generate(model, images, p, GenerationConfig(max_new_tokens=40), tok.eos_id)
+    spec, s2 = generate(model, images, p, GenerationConfig(max_new_tokens=40, speculative=True), tok.eos_id)
+    assert spec == plain
+    assert s2.speculative and not s1.speculative
+    assert s2.drafts > 0 and 0.0 <= s2.acceptance <= 1.0
+    assert s2.tokens_per_forward == pytest.approx(1.0 + s2.accepted / (s2.forwards + s2.rows), rel=0.1)
+    assert s1.tokens_per_forward == pytest.approx(1.0)
+
+
+def test_batched_equals_one_at_a_time(loaded):
+    model, tok, images = loaded
+    batched, _ = generate(model, images, prefix(model, tok, "caption", 3),
+                          GenerationConfig(max_new_tokens=20), tok.eos_id)
+    singles = [generate(model, images[i : i + 1], prefix(model, tok, "caption", 1),
+                        GenerationConfig(max_new_tokens=20), tok.eos_id)[0][0] for i in range(3)]
+    assert batched == singles
+
+
+def test_beam_search_one_beam_is_greedy_and_beams_score_at_least_as_well(loaded):
+    model, tok, images = loaded
+    p = prefix(model, tok, "caption", 2)
+    greedy, _ = generate(model, images[:2], p, GenerationConfig(max_new_tokens=16), tok.eos_id)
+    beams, _ = generate(model, images[:2], p, GenerationConfig(max_new_tokens=16, num_beams=4,
+                                                                length_penalty=0.0), tok.eos_id)
+
+    def logprob(image, seq):
+        ids = torch.cat([p[:1], torch.tensor([seq])], 1)
+        logits = model.lm(inputs_embeds=model.embed(ids, model.encode_images(image[None])))
+        lp = logits[0, p.shape[1] - 1 : -1].log_softmax(-1)
+        return float(lp.gather(1, torch.tensor(seq)[:, None]).sum())
+
+    with torch.no_grad():
+        for i in range(2):
+            assert logprob(images[i], beams[i]) >= logprob(images[i], greedy[i]) - 1e-4
+
+
+def test_sampling_is_seeded_and_min_tokens_holds(loaded):
+    model, tok, images = loaded
+    p = prefix(model, tok, "caption", 2)
+    cfg = GenerationConfig(max_new_tokens=12, temperature=1.0, top_p=0.9, top_k=50, seed=7, min_new_tokens=5)
+    a, _ = generate(model, images[:2], p, cfg, tok.eos_id)
+    b, _ = generate(model, images[:2], p, cfg, tok.eos_id)
+    assert a == b
+    for row in a:
+        assert tok.eos_id not in row[:5]
+
+
+def test_repetition_penalty_changes_scores_not_shapes(loaded):
+    model, tok, images = loaded
+    p = prefix(model, tok, "describe", 1)
+    out, stats = generate(model, images[:1], p, GenerationConfig(max_new_tokens=30, repetition_penalty=3.0),
+                          tok.eos_id)
+    assert 1 <= len(out[0]) <= 30 and stats.new_tokens == len(out[0])
+
+
+@pytest.mark.parametrize("bad, word", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
+    (dict(num_beams=2, temperature=0.5), "beam"), (dict(temperature=-1), "temperature"),
+])
+def test_bad_options_are_named(bad, word):
+    with pytest.raises(ValueError, match=word):
+        GenerationConfig(**bad).validate()
+
+
+def test_expert_load_is_reported(loaded):
+    model, tok, images = loaded
+    p = prefix(model, tok, "caption", 1)
+    _, stats = generate(model, images[:1], p, GenerationConfig(max_new_tokens=8), tok.eos_id)
+    n_moe = sum(1 for i in range(model.cfg.lm.num_hidden_layers) if model.cfg.lm.is_moe_layer(i))
+    assert len(stats.expert_load) == n_moe
+    # every position fed to the model (prefill + one per decode step) is routed to k experts
+    fed = p.shape[1] + stats.forwards
+    for layer in stats.expert_load:
+        assert sum(layer) == model.cfg.lm.num_experts_per_tok * fed

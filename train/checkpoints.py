@@ -1,0 +1,136 @@
+"""Training checkpoints: a Captioner directory plus `train_state/`, saved atomically.
+
+`out_dir/checkpoints/step-00000100/` holds `config.json`, `model.safetensors` (fp32
+master weights, router biases included), `tokenizer.json`, and `train_state/` with
+the optimiser, scheduler, step, data position and RNG states. Only the newest
+`keep_last` are kept. The state file is read with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from mm.checkpoint import CheckpointError, load_state_strict, save_checkpoint
+from train import dist as D
+
+STATE_FILE = "train_state/state.pt"
+
+
+def _checkpoints(out_dir: Path) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")
+                  and (p / STATE_FILE).is_file())
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    found = _checkpoints(Path(out_dir))
+    return found[-1] if found else None
+
+
+def save_training_checkpoint(raw, tokenizer, opt, sched, state, cfg, info) -> Path:
+    out = Path(cfg.out_dir) / "checkpoints" / f"step-{state['step']:08d}"
+    full_model = _full_state(raw, info)
+    optim_state = _full_optim_state(raw, opt, info)
+    if info.is_main:
+        def write_state(tmp: Path):
+            (tmp / "train_state").mkdir()
+            torch.save({
+                "step": state["step"], "data": state["data"], "bad_steps": state["bad_steps"],
+                "skipped": state["skipped"], "optimizer": optim_state, "scheduler": sched.state_dict(),
+                "rng_torch": torch.get_rng_state(), "rng_python": list(random.getstate()[1]),
+                "rng_python_version": random.getstate()[0], "rng_python_gauss": random.getstate()[2],
+                "train_config": cfg.to_dict(),
+            }, tmp / STATE_FILE)
+
+        save_checkpoint(out, _StateView(raw, full_model), tokenizer, extra=write_state)
+        for old in _checkpoints(Path(cfg.out_dir))[: -cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    D.barrier(info)
+    return out
+
+
+class _StateView:
+    """What save_checkpoint needs of a model: its config and a (gathered) state dict."""
+
+    def __init__(self, model, state):
+        self.cfg, self._state = model.cfg, state
+
+    def state_dict(self):
+        return self._state
+
+
+def _full_state(model, info):
+    """The full (unsharded) state dict, also under FSDP2."""
+    if info.enabled and _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return model.state_dict()
+
+
+def _full_optim_state(model, opt, info):
+    if info.enabled and _is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                             cpu_offload=True))
+    return opt.state_dict()
+
+
+def _is_fsdp(model) -> bool:
+    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
+
+
+def load_train_state(path, raw, opt, sched, info) -> dict:
+    """Restore weights, optimiser, scheduler and RNG from a training checkpoint."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"{path} is not a training checkpoint (no {STATE_FILE}); "
+                              "use mm finetune to start from a Captioner directory")
+    weights = load_file(str(path / "model.safetensors"))
+    blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    if info.enabled and _is_fsdp(raw):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
+        set_model_state_dict(raw, weights, options=opts)
+        set_optimizer_state_dict(raw, opt, blob["optimizer"], options=opts)
+    else:
+        load_state_strict(raw, weights, str(path / "model.safetensors"))
+        opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    torch.set_rng_state(blob["rng_torch"])
+    random.setstate((blob["rng_python_version"], tuple(blob["rng_python"]), blob["rng_python_gauss"]))
+    return {k: blob[k] for k in ("step", "data", "bad_steps", "skipped")}
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def export_model(raw, tokenizer, path, cfg, state) -> Path:
+    """A bf16 Captioner directory (no train_state) that records the recipe and the commit."""
+    meta = dict(raw.cfg.meta)
+    recipe = cfg.to_dict()
+    recipe.pop("model")  # the model config is the checkpoint's config.json itself
+    meta.update({"recipe": recipe, "commit": git_commit(), "steps": state["step"]})
+    raw.cfg = raw.cfg.replace(meta=meta)
+    return save_checkpoint(path, raw, tokenizer, dtype=torch.bfloat16)

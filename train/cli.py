@@ -1,0 +1,45 @@
+"""`mm train CONFIG.json [--key.path=value ...]` (also `python -m train`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from lm.config import ConfigError
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("config", nargs="?", help="a training config (JSON); omitted = the defaults")
+    p.add_argument("--resume", default=None, metavar="auto|DIR",
+                   help="continue a run: 'auto' = the newest checkpoint in out_dir, or a checkpoint directory")
+    p.add_argument("--out", default=None, help="the run directory (overrides out_dir)")
+    p.add_argument("--preset", default=None, help="model preset (tiny, small) instead of the config's model")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="after training, write a bf16 Captioner directory here")
+    p.epilog = "Any config key can be overridden: --optim.lr=3e-4 --model.lm.num_hidden_layers=2"
+
+
+def run(args) -> int:
+    from mm.config import preset
+    from train.config import load_train_config
+    from train.trainer import TrainingStopped, train
+
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"--out_dir={args.out}")
+    try:
+        cfg = load_train_config(args.config, overrides)
+        if args.preset:
+            cfg = cfg.replace(model=preset(args.preset))
+    except ConfigError as e:
+        print(f"mm train: {e}", file=sys.stderr)
+        return 2
+    try:
+        path = train(cfg, resume=args.resume, export=args.export)
+    except TrainingStopped as e:
+        print(f"mm train: {e}", file=sys.stderr)
+        return 1
+    print(f"final checkpoint: {path}", file=sys.stderr)
+    return 0

@@ -1,0 +1,117 @@
+"""Training configs: data, optimiser, precision, logging and checkpoints, plus the model.
+
+A run is described by one JSON file (`configs/*.json`); command-line overrides use
+dotted keys (`--optim.lr=3e-4 --model.lm.num_hidden_layers=2`) and are checked
+against the dataclasses exactly like the file, so a typo is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from lm.config import ConfigBase, ConfigError
+from mm.config import MMConfig, preset
+
+ALL_TASKS = ["caption", "describe", "caption_zh", "describe_zh"]
+
+
+@dataclass
+class DataConfig(ConfigBase):
+    train: str = ""  # shard URLs: a brace pattern, a path, pipe:, http(s)://; several joined with "::"
+    val: str = ""
+    tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
+    task_mode: str = "batch"  # batch: one task per batch | all: every task of every sample
+    num_workers: int = 2
+    resampled: bool = True  # sample shards with replacement (an endless stream)
+    shuffle: int = 1000  # sample shuffle buffer
+    epoch_batches: int = 0  # batches per (pseudo-)epoch of a resampled stream; 0 = from sizes.json
+    pad_to: dict = field(default_factory=dict)  # task -> fixed padded length (avoids re-tuning kernels per length)
+
+
+@dataclass
+class OptimConfig(ConfigBase):
+    lr: float = 1e-3
+    lr_vision: float = 0.0  # 0 = same as lr
+    lr_projector: float = 0.0  # 0 = same as lr
+    weight_decay: float = 0.05  # not applied to norms, biases, embeddings and router biases
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # 0 = off
+    batch_size: int = 64  # per rank, per micro-step
+    grad_accum: int = 1
+
+
+@dataclass
+class TrainConfig(ConfigBase):
+    model: MMConfig = field(default_factory=lambda: preset("tiny"))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    precision: str = "bf16"  # fp32 | bf16 (autocast) | fp8 (fine-grained FP8 GEMMs + bf16 autocast)
+    fp8_backend: str = "emulate"  # emulate (any device) | scaled_mm (GPUs with FP8)
+    tokenizer: str = ""  # a tokenizer.json; empty = train a byte-level BPE on the training captions
+    tokenizer_vocab: int = 512
+    tokenizer_samples: int = 20000  # captions read to train the tokenizer
+    out_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    eval_every: int = 0  # validation loss every N steps (needs data.val); 0 = off
+    eval_batches: int = 10
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    channels_last: bool = True  # faster convolutions on CPU and GPU
+    compile: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) when launched by torchrun
+    tensorboard: bool = False
+
+    def __post_init__(self):
+        for name, value, allowed in [
+            ("precision", self.precision, ("fp32", "bf16", "fp8")),
+            ("fp8_backend", self.fp8_backend, ("emulate", "scaled_mm")),
+            ("parallel", self.parallel, ("ddp", "fsdp")),
+            ("data.task_mode", self.data.task_mode, ("batch", "all")),
+        ]:
+            if value not in allowed:
+                raise ConfigError(f"TrainConfig.{name}: {value!r} is not one of {allowed}")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--a.b.c=value` overrides (values parsed as JSON, else taken as strings)."""
+    for item in overrides:
+        if not item.startswith("--") or "=" not in item:
+            raise ConfigError(f"override {item!r} must look like --key.path=value")
+        key, raw = item[2:].split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})  # a misspelled section fails in from_dict, by name
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section of the config")
+        node[parts[-1]] = value
+    return data
+
+
+def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfig:
+    """A config file (or the defaults when path is None) with overrides applied and checked."""
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file {path} does not exist") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    else:
+        data = {}
+    if isinstance(data.get("model"), str):  # "model": "tiny" names a preset
+        data["model"] = preset(data["model"]).to_dict()
+    data.setdefault("model", preset("tiny").to_dict())
+    return TrainConfig.from_dict(apply_overrides(data, list(overrides)))

@@ -1,0 +1,125 @@
+"""`mm finetune`: continue from a Captioner checkpoint, or assemble a new captioner from a
+timm encoder and a DeepSeek-format language model, and train it in LLaVA-style stages.
+
+    --stage projector   only the projector trains (encoder and LM frozen): the alignment stage
+    --stage full        everything trains, except what --freeze / --unfreeze-last hold back
+
+The trainable parameter count of each part is printed before training starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ACCEPTS_OVERRIDES = True
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--from", dest="source", required=True,
+                   help="a Captioner checkpoint directory, or a Hugging Face DeepSeek-V2/V3 LM directory")
+    p.add_argument("--data", required=True, help="training shard URLs")
+    p.add_argument("--val", default="", help="validation shard URLs")
+    p.add_argument("--config", default=None, help="a training config (JSON) for optimiser, precision, ...")
+    p.add_argument("--stage", choices=["projector", "full"], default="full")
+    p.add_argument("--freeze", action="append", default=[], choices=["vision", "lm"],
+                   help="keep a part frozen in the full stage (repeatable)")
+    p.add_argument("--unfreeze-last", type=int, default=0,
+                   help="with --freeze vision: still train the encoder's last N blocks")
+    p.add_argument("--vision", default="resnet18", help="timm model name (with an HF LM source)")
+    p.add_argument("--vision-file", default="", help="local weights for the timm encoder")
+    p.add_argument("--image-size", type=int, default=0, help="encoder input size (default: the model's)")
+    p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--resume", default=None, metavar="auto|DIR")
+    p.epilog = "Any training config key can be overridden: --optim.lr=1e-4 --optim.max_steps=2000"
+
+
+def resize_vocab(transformer: nn.Module, n: int):
+    """Grow the embedding and output head to n rows; new rows start at the mean row."""
+    old = transformer.embed.weight.shape[0]
+    if n <= old:
+        return
+    with torch.no_grad():
+        for name in ("embed", "head"):
+            mod = getattr(transformer, name)
+            w = mod.weight
+            new = torch.cat([w, w.mean(0, keepdim=True).expand(n - old, -1)], 0)
+            mod.weight = nn.Parameter(new.clone())
+            if isinstance(mod, nn.Embedding):
+                mod.num_embeddings = n
+            else:
+                mod.out_features = n
+    transformer.cfg = transformer.cfg.replace(vocab_size=n)
+
+
+def from_source(args):
+    """(model, tokenizer) from a Captioner checkpoint or an HF DeepSeek LM + a timm encoder."""
+    import lm
+    from mm.checkpoint import load_checkpoint
+    from mm.config import MMConfig, VisionConfig
+    from mm.model import CaptionModel
+    from mm.tokenizer import Tokenizer
+
+    src = Path(args.source)
+    if (src / "model.safetensors").is_file() and (src / "tokenizer.json").is_file() and _is_captioner(src):
+        model, tokenizer = load_checkpoint(src)
+        return model.train(), tokenizer
+    if not (src / "config.json").is_file():
+        raise FileNotFoundError(f"{src} is neither a Captioner checkpoint nor an HF model directory (no config.json)")
+    if not (src / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{src} has no tokenizer.json: the LM's tokenizer is needed")
+    transformer = lm.load_hf(src)
+    tokenizer = Tokenizer.from_file(src / "tokenizer.json")
+    resize_vocab(transformer, tokenizer.vocab_size)
+    vision = VisionConfig(model_name=args.vision, pretrained_file=args.vision_file,
+                          image_size=args.image_size or 224, pretrained=bool(args.vision_file))
+    cfg = MMConfig(vision=vision, lm=transformer.cfg)
+    return CaptionModel(cfg, image_token_id=tokenizer.image_id, language_model=transformer), tokenizer
+
+
+def _is_captioner(path: Path) -> bool:
+    import json
+
+    return "vision" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
+def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int):
+    if stage == "projector":
+        model.vision.requires_grad_(False)
+        model.lm.requires_grad_(False)
+        model.projector.requires_grad_(True)
+        model.vision.freeze(0)
+        return
+    model.requires_grad_(True)
+    if "vision" in freeze:
+        model.vision.freeze(unfreeze_last)
+    if "lm" in freeze:
+        model.lm.requires_grad_(False)
+
+
+def run(args) -> int:
+    from lm.config import ConfigError
+    from train.config import load_train_config
+    from train.trainer import TrainingStopped, train
+
+    overrides = list(args.overrides) + [f"--data.train={args.data}", f"--out_dir={args.out}"]
+    if args.val:
+        overrides.append(f"--data.val={args.val}")
+    try:
+        model, tokenizer = from_source(args)
+        cfg = load_train_config(args.config, overrides).replace(model=model.cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"mm finetune: {e}", file=sys.stderr)
+        return 2
+    set_stage(model, args.stage, args.freeze, args.unfreeze_last)
+    try:
+        path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer)
+    except TrainingStopped as e:
+        print(f"mm finetune: {e}", file=sys.stderr)
+        return 1
+    print(f"final checkpoint: {path}", file=sys.stderr)
+    return 0

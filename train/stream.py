@@ -1,0 +1,112 @@
+"""An endless, resumable stream of training batches over webdataset shards.
+
+The position is (epoch, batch index within the epoch). Each epoch's order depends
+only on (seed, epoch, rank), so a resumed run rebuilds the epoch's loader and skips
+the batches it had already used: the batches that follow are the ones an
+uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import webdataset as wds
+
+from train.config import TrainConfig
+from train.data import dataset_size, make_loader
+
+
+def read_texts(urls: str, tasks: list[str], limit: int) -> list[str]:
+    """Up to `limit` caption texts (every task a sample has) without decoding any image."""
+    texts = []
+    keep = {"json", "txt"}
+    ds = wds.WebDataset(split_urls(urls), shardshuffle=False, empty_check=False).map(
+        lambda s: {k: v for k, v in s.items() if k in keep or k.startswith("__")}
+    ).decode()
+    for sample in ds:
+        found = dict(sample["json"]) if isinstance(sample.get("json"), dict) else {}
+        if "txt" in sample:
+            found.setdefault("caption", sample["txt"])
+        texts += [str(found[t]) for t in tasks if isinstance(found.get(t), str)]
+        if len(texts) >= limit:
+            break
+    return texts[:limit]
+
+
+def split_urls(urls: str) -> list[str] | str:
+    """`a::b` lists several shard specs (open_clip's convention)."""
+    return urls.split("::") if "::" in urls else urls
+
+
+class DataStream:
+    def __init__(self, cfg: TrainConfig, urls: str, tokenizer, num_image_tokens: int, transform, info,
+                 position: dict | None = None, resampled: bool | None = None,
+                 num_workers: int | None = None):
+        if not urls:
+            raise ValueError("no training shards given: set data.train (e.g. 'data/train-{000000..000009}.tar')")
+        self.cfg, self.urls, self.info, self.transform = cfg, split_urls(urls), info, transform
+        self.resampled = cfg.data.resampled if resampled is None else resampled
+        self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
+        prompts = cfg.model.tasks
+        max_len = num_image_tokens + cfg.model.max_text_len
+
+        def encode(task: str, text: str):
+            return tokenizer.build_example(prompts[task], text, num_image_tokens, max_len)
+
+        self.encode, self.pad_id = encode, tokenizer.pad_id
+        self.pad_to = {t: num_image_tokens + n for t, n in cfg.data.pad_to.items()} or None
+        self.epoch_batches = cfg.data.epoch_batches or self._batches_from_sizes()
+        pos = position or {"epoch": 0, "batch": 0}
+        self.epoch, self.batch = pos["epoch"], 0
+        self._errors: dict[int, int] = {}
+        self._summaries: dict[int, str] = {}
+        self._start_epoch(skip=pos["batch"])
+
+    def _batches_from_sizes(self) -> int:
+        n = dataset_size(self.urls)
+        per_step = self.cfg.optim.batch_size * self.info.world_size
+        return max(1, n // per_step) if n else 1000
+
+    def _start_epoch(self, skip: int = 0):
+        d = self.cfg.data
+        self.loader = make_loader(
+            self.urls, encode=self.encode, image_transform=self.transform, batch_size=self.cfg.optim.batch_size,
+            tasks=d.tasks, task_mode=d.task_mode, resampled=self.resampled, seed=self.cfg.seed, epoch=self.epoch,
+            num_workers=self.num_workers, rank=self.info.rank, world_size=self.info.world_size,
+            shuffle=d.shuffle, pad_id=self.pad_id, pad_to=self.pad_to,
+            samples_per_epoch=(d.epoch_batches * self.cfg.optim.batch_size * self.info.world_size) or None,
+        )
+        self.iterator = iter(self.loader)
+        self.batch = 0
+        for _ in range(skip):
+            if self._pull() is None:
+                break
+
+    def _pull(self):
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            return None
+        self.batch += 1
+        self._errors[self.epoch] = self.loader.errors.total if hasattr(self.loader.errors, "total") else 0
+        self._summaries[self.epoch] = self.loader.errors.summary()
+        return batch
+
+    def next(self, stop_at_epoch_end: bool = False):
+        """The next batch; a new epoch starts when this one ends (or after epoch_batches)."""
+        while True:
+            if not (self.resampled and self.batch >= self.epoch_batches):
+                batch = self._pull()
+                if batch is not None:
+                    return batch
+            if stop_at_epoch_end:
+                return None
+            self.epoch += 1
+            self._start_epoch()
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+    def errors_seen(self) -> int:
+        return sum(self._errors.values())
+
+    def error_summary(self) -> str:
+        return " | ".join(f"epoch {e}: {s}" for e, s in sorted(self._summaries.items()) if self._errors.get(e))

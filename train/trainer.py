@@ -1,0 +1,270 @@
+"""The trainer: one loop for a toy run on a CPU and for `torchrun` on many GPUs.
+
+Reading order: `build_tokenizer`, `build_model`, `prepare` (FP8 -> compile -> DDP/FSDP,
+torchtitan's order), `build_optimizer`, `train_step`, `evaluate`, `save`, `train`.
+After each optimiser step the MoE router biases move toward balanced load
+(auxiliary-loss-free balancing), with the load summed over all ranks.
+A resumed run continues bit-for-bit: the data position is (epoch, batch in epoch),
+each epoch's order a function of (seed, epoch, rank), and optimiser, scheduler and
+RNG state travel in `train_state/`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+import lm
+from mm.model import CaptionModel
+from mm.tokenizer import Tokenizer
+from train import dist as D
+from train.checkpoints import latest_checkpoint, load_train_state, save_training_checkpoint
+from train.config import TrainConfig
+from train.metrics_log import RunLog
+from train.stream import DataStream, read_texts
+from vision.preprocess import build_transform
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
+
+
+class TrainingStopped(RuntimeError):
+    """Too many consecutive non-finite losses: the run stops instead of drifting."""
+
+
+def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path) -> Tokenizer:
+    if cfg.tokenizer:
+        return Tokenizer.from_file(cfg.tokenizer)
+    path = out_dir / "tokenizer.json"
+    if info.is_main and not path.exists():
+        texts = read_texts(cfg.data.train, cfg.data.tasks, cfg.tokenizer_samples)
+        if not texts:
+            raise ValueError(f"no captions found in {cfg.data.train!r} to train a tokenizer on")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        Tokenizer.train(texts, vocab_size=cfg.tokenizer_vocab).save(path)
+    D.barrier(info)
+    return Tokenizer.from_file(path)
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> CaptionModel:
+    model_cfg = cfg.model
+    if model_cfg.lm.vocab_size < tokenizer.vocab_size:
+        model_cfg = model_cfg.replace(lm=model_cfg.lm.replace(vocab_size=tokenizer.vocab_size))
+    return CaptionModel(model_cfg, image_token_id=tokenizer.image_id)
+
+
+def prepare(model: CaptionModel, cfg: TrainConfig, info: D.DistInfo, log=print) -> nn.Module:
+    """Device, memory format, FP8, compile, then data/fully-sharded parallelism."""
+    model.to(info.device)
+    if cfg.channels_last:
+        model.vision.to_channels_last()
+    if cfg.precision == "fp8":
+        from train import fp8
+
+        report = fp8.convert_to_fp8(model, backend=cfg.fp8_backend,
+                                    module_filter=lambda name, _m: not name.startswith("vision."))
+        log(f"fp8: {len(report.converted)} layers converted; kept in bf16: "
+            + (", ".join(f"{n} ({why})" for n, why in report.skipped) or "none"))
+    if cfg.compile:
+        model.lm.compile()
+    return D.wrap(model, info, cfg.parallel)
+
+
+def image_transform(model: CaptionModel):
+    return build_transform(model.vision.data_config)
+
+
+def param_groups(model: CaptionModel, cfg: TrainConfig) -> list[dict]:
+    """Per-part learning rates; no weight decay on norms, biases, embeddings, router biases."""
+    o = cfg.optim
+    lrs = {"vision": o.lr_vision or o.lr, "projector": o.lr_projector or o.lr, "lm": o.lr}
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = name.split(".", 1)[0]
+        part = part if part in lrs else "lm"
+        no_decay = p.ndim < 2 or "embed" in name or "norm" in name or name.endswith(".bias")
+        key = (part, not no_decay)
+        groups.setdefault(key, {"params": [], "lr": lrs[part], "base_lr": lrs[part], "name": f"{part}",
+                                "weight_decay": o.weight_decay if not no_decay else 0.0})
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(model: CaptionModel, cfg: TrainConfig):
+    o = cfg.optim
+    opt = torch.optim.AdamW(param_groups(model, cfg), betas=tuple(o.betas), eps=o.eps)
+
+    def schedule(step: int) -> float:  # linear warm-up, then cosine to min_lr_ratio
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        t = (step - o.warmup_steps) / max(1, o.max_steps - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def forward_loss(model, batch, cfg: TrainConfig, device):
+    images = batch["images"].to(device, non_blocking=True)
+    if cfg.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    dtype = AUTOCAST[cfg.precision]
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return model(images, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                     batch["labels"].to(device))
+
+
+def train_step(model, opt, sched, stream: DataStream, cfg: TrainConfig, info: D.DistInfo) -> dict:
+    """One optimiser step over grad_accum micro-batches; a non-finite loss skips the step."""
+    opt.zero_grad(set_to_none=True)
+    sums = {"main": 0.0, "mtp": 0.0, "aux": 0.0}
+    tokens = images = 0
+    finite = True
+    for _ in range(cfg.optim.grad_accum):
+        batch = stream.next()
+        out = forward_loss(model, batch, cfg, info.device)
+        finite = finite and bool(torch.isfinite(out.loss))
+        (out.loss / cfg.optim.grad_accum).backward()
+        for k in sums:
+            sums[k] += float(getattr(out, k).detach()) / cfg.optim.grad_accum
+        tokens += int(batch["attention_mask"].sum())
+        images += batch["images"].shape[0]
+    stats = {f"loss_{k}": v for k, v in sums.items()} | {"tokens": tokens, "images": images}
+    if not D.all_true(finite, info):
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        return stats | {"skipped": True}
+    params = [p for p in model.parameters() if p.grad is not None]
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    opt.step()
+    sched.step()
+    stats["load_max_over_mean"] = lm.update_router_bias(D.unwrap(model).lm)
+    return stats | {"skipped": False}
+
+
+@torch.no_grad()
+def evaluate(model, cfg: TrainConfig, tokenizer, info: D.DistInfo) -> float:
+    """Mean validation loss (main LM loss) over eval_batches batches."""
+    if not cfg.data.val:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    raw = D.unwrap(model)
+    stream = DataStream(cfg, cfg.data.val, tokenizer, raw.num_image_tokens, image_transform(raw), info,
+                        resampled=False, num_workers=0)
+    losses = []
+    for _ in range(cfg.eval_batches):
+        batch = stream.next(stop_at_epoch_end=True)
+        if batch is None:
+            break
+        losses.append(float(forward_loss(model, batch, cfg, info.device).main))
+    model.train(was_training)
+    return D.mean_over_ranks(sum(losses) / max(1, len(losses)), info)
+
+
+def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | None = None,
+          tokenizer: Tokenizer | None = None, export: str | None = None) -> Path:
+    """Run (or continue) a training run; returns the final checkpoint directory."""
+    info = D.setup()
+    out_dir = Path(cfg.out_dir)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    say = (lambda m: tqdm.write(m)) if info.is_main else (lambda m: None)
+    tokenizer = tokenizer or build_tokenizer(cfg, info, out_dir)
+    model = model or build_model(cfg, tokenizer)
+    raw = model
+    model = prepare(model, cfg, info, log=say)
+    opt, sched = build_optimizer(raw, cfg)
+    state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
+    ckpt = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if ckpt is not None:
+        state = load_train_state(ckpt, raw, opt, sched, info)
+        say(f"resumed from {ckpt} at step {state['step']}")
+    stream = DataStream(cfg, cfg.data.train, tokenizer, raw.num_image_tokens, image_transform(raw), info,
+                        position=state["data"])
+    runlog = RunLog(out_dir, info.is_main, cfg.tensorboard)
+    _describe(raw, say)
+    model.train()
+    bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not info.is_main,
+               dynamic_ncols=True, desc="train")
+    window, t0 = [], time.perf_counter()
+    last = None
+    while state["step"] < cfg.optim.max_steps:
+        stats = train_step(model, opt, sched, stream, cfg, info)
+        state["step"] += 1
+        state["data"] = stream.position()
+        if stats["skipped"]:
+            state["skipped"] += 1
+            state["bad_steps"] += 1
+            if state["bad_steps"] >= cfg.max_bad_steps:
+                last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
+                raise TrainingStopped(
+                    f"{state['bad_steps']} consecutive steps had a non-finite loss (step {state['step']}); "
+                    f"the last good weights are saved in {last}. Lower optim.lr or check the data."
+                )
+        else:
+            state["bad_steps"] = 0
+        window.append(stats)
+        bar.update(1)
+        if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.max_steps:
+            record = _log_record(window, time.perf_counter() - t0, state, sched, stream, info)
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0:
+                record["val_loss"] = evaluate(model, cfg, tokenizer, info)
+            runlog.write(record)
+            bar.set_postfix(loss=f"{record['loss_main']:.3f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", img_s=f"{record['images_per_s']:.1f}")
+            window, t0 = [], time.perf_counter()
+        if state["step"] % cfg.save_every == 0 or state["step"] == cfg.optim.max_steps:
+            last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
+    bar.close()
+    if stream.errors_seen():
+        say(f"data: {stream.error_summary()}")
+    if last is None:
+        last = latest_checkpoint(out_dir)
+    if export and info.is_main:
+        from train.checkpoints import export_model
+
+        say(f"exported {export_model(raw, tokenizer, export, cfg, state)}")
+    D.barrier(info)
+    return last
+
+
+def save(raw, tokenizer, opt, sched, state, cfg, info, runlog) -> Path:
+    path = save_training_checkpoint(raw, tokenizer, opt, sched, state, cfg, info)
+    if info.is_main:
+        runlog.plot(Path(cfg.out_dir) / "loss.png")
+    return path
+
+
+def _log_record(window, seconds, state, sched, stream, info) -> dict:
+    done = [w for w in window if not w["skipped"]] or window
+    n = len(done)
+    rec = {"step": state["step"], "lr": sched.get_last_lr()[-1]}
+    for k in ("loss_main", "loss_mtp", "loss_aux"):
+        rec[k] = sum(w[k] for w in done) / n
+    rec["grad_norm"] = sum(w.get("grad_norm", 0.0) for w in done) / n
+    rec["tokens_per_s"] = sum(w["tokens"] for w in window) * info.world_size / max(seconds, 1e-9)
+    rec["images_per_s"] = sum(w["images"] for w in window) * info.world_size / max(seconds, 1e-9)
+    loads = [w["load_max_over_mean"] for w in done if "load_max_over_mean" in w]
+    if loads:
+        rec["expert_load_max_over_mean"] = loads[-1]
+    rec["skipped_steps"] = state["skipped"]
+    rec["data_errors"] = stream.errors_seen()
+    return rec
+
+
+def _describe(model: CaptionModel, say):
+    parts = {"vision": model.vision, "projector": model.projector, "lm": model.lm}
+    counts = ", ".join(
+        f"{k} {sum(p.numel() for p in m.parameters() if p.requires_grad) / 1e6:.2f}M trainable"
+        f" / {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+        for k, m in parts.items()
+    )
+    say(f"model: {counts}; {model.num_image_tokens} image tokens")

@@ -84,7 +84,15 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from lm.moe import MoE
+
     ids = [info.local_rank] if info.device.type == "cuda" else None
+    # Each rank's MoE load counters must stay its own (update_router_bias all-reduces them),
+    # so DDP must not overwrite them with rank 0's at every forward as it does other buffers
+    # (BatchNorm statistics, which should stay in step across ranks).
+    counters = [f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, MoE)
+                for buf in ("load", "last_load")]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, counters)
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 
 

@@ -18,7 +18,8 @@ def read_texts(urls: str, tasks: list[str], limit: int) -> list[str]:
     """Up to `limit` caption texts (every task a sample has) without decoding any image."""
     texts = []
     keep = {"json", "txt"}
-    ds = wds.WebDataset(split_urls(urls), shardshuffle=False, empty_check=False).map(
+    every_shard = lambda src: src  # noqa: E731 (one process reads all shards, also under torchrun)
+    ds = wds.WebDataset(split_urls(urls), shardshuffle=False, empty_check=False, nodesplitter=every_shard).map(
         lambda s: {k: v for k, v in s.items() if k in keep or k.startswith("__")}
     ).decode()
     for sample in ds:

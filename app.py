@@ -1,0 +1,352 @@
+"""The Gradio app: a browser page and a client API over `mm.Captioner`, nothing more.
+
+    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--device cpu|cuda]
+    mm serve      (the same options)
+
+Two things a reader must know:
+
+- Model steps run one at a time under a lock. The MoE layers keep the routing
+  counts of their last forward on the module and the routing view reads them
+  after each step, so overlapping forwards would mix users' counts. The lock is
+  taken per decoding step, not per caption, so simultaneous streams interleave
+  and every user sees text arriving; each step already keeps the device busy.
+- Each step enters its own `torch.inference_mode()`: Gradio resumes a streaming
+  handler on whichever worker thread is free, and autograd's mode is per thread.
+
+Bad input (no image, an unreadable or oversized upload, out-of-range options)
+becomes a `gr.Error` message on the page, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from mm.captioner import DEFAULT_MODEL_DIR, Captioner
+from mm.generate import GenerationStats
+from vision.preprocess import ImageError, load_image
+
+MAX_NEW_TOKENS = 256
+MAX_BATCH_FILES = 64
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
+MODES = ("greedy", "beam search", "sampling")
+UNTRAINED_NOTICE = ("**This model is untrained (random weights): its captions are noise.** "
+                    "Train the default model with `make default-model`, or start with `--checkpoint DIR`.")
+
+
+def user_error(message: str) -> gr.Error:
+    """A message for the page (the modal renders HTML, so it is escaped); no server-side traceback."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+class ImageInput(gr.Image):
+    """gr.Image whose unreadable or oversized uploads become a message on the page."""
+
+    is_template = True  # reuse gr.Image's front end
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Image.DecompressionBombError as e:
+            raise user_error(f"This image is too large to open safely ({e}).") from None
+        except (OSError, SyntaxError, ValueError) as e:  # PIL's ways of saying "not an image"
+            name = getattr(payload, "orig_name", None) or "the upload"
+            reason = str(e).replace(str(getattr(payload, "path", None)), name)  # no server paths on the page
+            raise user_error(f"{name} is not a readable image ({reason}).") from None
+
+
+class Slider(gr.Slider):
+    """gr.Slider whose out-of-range message names the control."""
+
+    is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except gr.Error as e:
+            raise user_error(f"{self.label}: {e.message}") from None
+
+
+def decoding_options(mode="greedy", num_beams=4, temperature=0.7, top_p=1.0, max_new_tokens=64,
+                     repetition_penalty=1.0, speculative=True, seed=-1) -> dict:
+    """The UI's decoding controls -> Captioner options; raises gr.Error naming a bad value."""
+    if mode not in MODES:
+        raise user_error(f"decoding mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if max_new_tokens is None or max_new_tokens != int(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise user_error(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens}")
+    opts = dict(max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty),
+                speculative=bool(speculative), num_beams=1, temperature=0.0, top_p=1.0)
+    if mode == "beam search":
+        if num_beams != int(num_beams) or num_beams < 2:
+            raise user_error(f"beam search needs a whole number of beams >= 2; got {num_beams}")
+        opts["num_beams"] = int(num_beams)
+    elif mode == "sampling":
+        if not temperature or temperature <= 0:
+            raise user_error(f"sampling needs a temperature above 0; got {temperature} (use greedy for 0)")
+        opts.update(temperature=float(temperature), top_p=float(top_p),
+                    seed=None if seed is None or seed < 0 else int(seed))
+    return opts
+
+
+def open_image(path) -> Image.Image:
+    """An upload's path -> RGB image (grey and transparent images converted), or gr.Error."""
+    if path is None:
+        raise user_error("No image: upload one, paste one, take a webcam photo or pick an example.")
+    try:
+        return load_image(path)  # caps the pixel count from the header, before decoding
+    except ImageError as e:
+        raise user_error(f"Cannot use this image: {str(e).replace(str(path), Path(path).name)}") from None
+
+
+def stats_markdown(stats: GenerationStats, wall_s: float, first_s: float | None = None) -> str:
+    busy = stats.prefill_s + stats.decode_s
+    parts = [f"latency **{wall_s:.2f} s**"]
+    if first_s is not None:
+        parts.append(f"first text after {first_s:.2f} s")
+    parts.append(f"{stats.new_tokens} tokens, **{stats.new_tokens / busy if busy else 0:.1f} tokens/s** "
+                 f"(prefill {stats.prefill_s * 1000:.0f} ms, decode {stats.decode_s * 1000:.0f} ms)")
+    if stats.tokens_per_forward:
+        parts.append(f"{stats.tokens_per_forward:.2f} tokens per forward")
+    if stats.speculative and stats.acceptance is not None:
+        parts.append(f"MTP draft acceptance {stats.acceptance:.0%}")
+    return " · ".join(parts)
+
+
+def routing_figure(expert_load) -> Figure | None:
+    """Heat map of each MoE layer's share of routed tokens per expert (uniform = 1/experts)."""
+    if not expert_load:
+        return None
+    load = np.asarray(expert_load, dtype=np.float64)  # [moe layer, expert]
+    share = load / np.maximum(load.sum(1, keepdims=True), 1.0)
+    layers, experts = share.shape
+    fig = Figure(figsize=(6.4, 1.2 + 0.45 * layers), layout="constrained")  # no pyplot: thread-safe
+    ax = fig.add_subplot()
+    image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0)
+    ax.set_xticks(range(experts))
+    ax.set_yticks(range(layers), labels=[f"MoE {i}" for i in range(layers)])
+    ax.set_xlabel("routed expert")
+    ax.set_title(f"Routing: share of each MoE layer's {int(load[0].sum())} token-to-expert routings", fontsize=10)
+    if experts * layers <= 128:  # numbers stay legible only on small grids
+        for (i, j), v in np.ndenumerate(share):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if v > 0.6 * share.max() else "white")
+    fig.colorbar(image, ax=ax, label="share of routings")
+    return fig
+
+
+def write_tables(rows: list[dict], out_dir: Path) -> tuple[str, str]:
+    """Batch results as captions.csv and captions.jsonl (UTF-8, Chinese kept as is)."""
+    csv_path, jsonl_path = out_dir / "captions.csv", out_dir / "captions.jsonl"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "task", "caption", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(jsonl_path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return str(csv_path), str(jsonl_path)
+
+
+class Shell:
+    """The event handlers: options in, Captioner calls under the model lock, page values out."""
+
+    def __init__(self, cap: Captioner):
+        self.cap = cap
+        self.lock = threading.Lock()
+
+    def _check_task(self, task):
+        if task not in self.cap.tasks:
+            raise user_error(f"unknown task {task!r}; this model knows {', '.join(self.cap.tasks)}")
+
+    def _call(self, fn, *args, **kwargs):
+        """One model call under the lock; the model's own input errors become page messages."""
+        try:
+            with self.lock, torch.inference_mode():
+                return fn(*args, **kwargs)
+        except (ImageError, ValueError, TypeError) as e:
+            raise user_error(str(e)) from None
+
+    def stream(self, image, task, mode, num_beams, temperature, top_p, max_new_tokens,
+               repetition_penalty, speculative, seed):
+        """Caption tab: yields (text so far, stats, routing plot); beam search arrives whole."""
+        start = time.perf_counter()
+        opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
+                                repetition_penalty, speculative, seed)
+        self._check_task(task)
+        img = open_image(image)
+        if opts["num_beams"] > 1:
+            res = self._call(self.cap.run, [img], task, **opts)
+            yield res.texts[0], stats_markdown(res.stats, time.perf_counter() - start), \
+                routing_figure(res.stats.expert_load)
+            return
+        stats, text, first = GenerationStats(), "", None
+        pieces = self.cap.stream(img, task, stats=stats, **opts)
+        while (piece := self._call(next, pieces, None)) is not None:
+            text += piece
+            first = first if first is not None else time.perf_counter() - start
+            yield text, "generating…", gr.skip()
+        yield text, stats_markdown(stats, time.perf_counter() - start, first), routing_figure(stats.expert_load)
+
+    def caption(self, image, task="caption", mode="greedy", num_beams=4, temperature=0.7, top_p=1.0,
+                max_new_tokens=64, repetition_penalty=1.0, speculative=True, seed=-1) -> str:
+        """The `/caption` API endpoint: the whole text at once."""
+        opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
+                                repetition_penalty, speculative, seed)
+        self._check_task(task)
+        return self._call(self.cap.run, [open_image(image)], task, **opts).texts[0]
+
+    def batch(self, files, task, mode, num_beams, temperature, top_p, max_new_tokens,
+              repetition_penalty, speculative, seed):
+        """Batch tab: a row per file (an unreadable file gets its error, the rest are captioned)."""
+        start = time.perf_counter()
+        if not files:
+            raise user_error("No files: choose one or more images for the batch.")
+        if len(files) > MAX_BATCH_FILES:
+            raise user_error(f"at most {MAX_BATCH_FILES} images per batch; got {len(files)}")
+        opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
+                                repetition_penalty, speculative, seed)
+        self._check_task(task)
+        rows, good = [], []
+        for path in files:
+            row = {"file": Path(path).name, "task": task, "caption": "", "error": ""}
+            try:
+                load_image(path)  # check now, so one bad file costs its row, not the batch
+                good.append((row, path))  # the captioner decodes it again: one full image in memory at a time
+            except ImageError as e:
+                row["error"] = str(e).replace(str(path), row["file"])
+            rows.append(row)
+        step = self.cap.batch_size  # one lock per chunk, so streams of other users interleave
+        for i in range(0, len(good), step):
+            chunk = good[i : i + step]
+            for (row, _), text in zip(chunk, self._call(self.cap.run, [p for _, p in chunk], task, **opts).texts):
+                row["caption"] = text
+        tables = write_tables(rows, Path(tempfile.mkdtemp(prefix="mm-batch-")))
+        table = [[r["file"], r["caption"], r["error"]] for r in rows]
+        summary = f"{len(good)} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
+        return table, summary, *tables
+
+
+def _examples() -> tuple[list, list[str]]:
+    """(rows, labels) from examples/index.json, written by examples/make_examples.py."""
+    index = EXAMPLES_DIR / "index.json"
+    if not index.is_file():
+        return [], []
+    items = [e for e in json.loads(index.read_text(encoding="utf-8")) if (EXAMPLES_DIR / e["file"]).is_file()]
+    return [[str(EXAMPLES_DIR / e["file"]), e.get("task", "caption")] for e in items], [e["label"] for e in items]
+
+
+def build_demo(cap: Captioner, untrained: bool = False) -> gr.Blocks:
+    shell = Shell(cap)
+    with gr.Blocks(title="DeepSeek-style captioner", analytics_enabled=False) as demo:  # no network
+        gr.Markdown("# DeepSeek-style image captioner\nA timm encoder and an MLA + DeepSeekMoE + MTP "
+                    f"language model. Model: `{cap.path or 'random weights'}`.")
+        if untrained:
+            gr.Markdown(UNTRAINED_NOTICE, elem_id="untrained-notice")
+        with gr.Accordion("Decoding (both tabs)", open=True):
+            with gr.Row():
+                mode = gr.Radio(list(MODES), value="greedy", label="Decoding")
+                speculative = gr.Checkbox(True, label="MTP speculative decoding (greedy only)")
+                seed = gr.Number(-1, precision=0, label="Seed (sampling; -1 = random)")
+            with gr.Row():
+                max_new = Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
+                beams = Slider(2, 8, value=4, step=1, label="Beams (beam search)")
+                temperature = Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
+                top_p = Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (sampling)")
+                rep = Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+        options = [mode, beams, temperature, top_p, max_new, rep, speculative, seed]
+        with gr.Tab("Caption"):
+            with gr.Row():
+                with gr.Column():
+                    image = ImageInput(type="filepath", image_mode=None, sources=["upload", "clipboard", "webcam"],
+                                       label="Image", elem_id="image-input")
+                    task = gr.Dropdown(cap.tasks, value=cap.tasks[0], label="Task")
+                    run = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                with gr.Column():
+                    text = gr.Textbox(label="Text", lines=4, interactive=False, elem_id="caption-output")
+                    stats = gr.Markdown(elem_id="caption-stats")
+                    routing = gr.Plot(label="Routing", show_label=False)
+            rows, labels = _examples()
+            if rows:
+                gr.Examples(rows, [image, task], example_labels=labels, cache_examples=False)
+            run.click(shell.stream, [image, task, *options], [text, stats, routing], api_name="caption_stream")
+            api_button = gr.Button(visible=False)
+            api_button.click(shell.caption, [image, task, *options], text, api_name="caption")
+        with gr.Tab("Batch"):
+            files = gr.File(file_count="multiple", file_types=["image"], label="Images")
+            batch_task = gr.Dropdown(cap.tasks, value=cap.tasks[0], label="Task")
+            batch_run = gr.Button("Caption all", variant="primary")
+            summary = gr.Markdown()
+            table = gr.Dataframe(headers=["file", "caption", "error"], label="Captions", interactive=False)
+            with gr.Row():
+                csv_file, jsonl_file = gr.File(label="CSV"), gr.File(label="JSONL")
+            batch_run.click(shell.batch, [files, batch_task, *options], [table, summary, csv_file, jsonl_file],
+                            api_name="caption_batch")
+    return demo
+
+
+def untrained_captioner(device: str = "cpu", num_hidden_layers: int | None = None, seed: int = 0) -> Captioner:
+    """The `tiny` preset with random weights: what the demo serves before a model is trained."""
+    from mm.config import DEFAULT_TASKS, preset
+    from mm.model import CaptionModel
+    from mm.tokenizer import Tokenizer
+
+    texts = [*DEFAULT_TASKS.values(), "a large red circle and a small blue square",
+             "There is one shape on a white background.", "一个大的红色圆形、一个小的蓝色正方形"]
+    tokenizer = Tokenizer.train(texts, vocab_size=300)
+    cfg = preset("tiny")
+    lm_cfg = cfg.lm.replace(vocab_size=tokenizer.vocab_size, num_hidden_layers=num_hidden_layers or cfg.lm.num_hidden_layers)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's random stream alone
+        torch.manual_seed(seed)
+        model = CaptionModel(cfg.replace(lm=lm_cfg), image_token_id=tokenizer.image_id)
+    return Captioner(model.to(device), tokenizer, device=device)
+
+
+def load_captioner(checkpoint=None, device=None) -> tuple[Captioner, bool]:
+    """(captioner, untrained): the given checkpoint, else the default model, else random weights."""
+    if checkpoint is None and not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        print(f"no trained default model in {DEFAULT_MODEL_DIR}: serving an UNTRAINED model "
+              "(train one with `make default-model`)", file=sys.stderr)
+        return untrained_captioner(device or ("cuda" if torch.cuda.is_available() else "cpu")), True
+    return Captioner.from_pretrained(checkpoint, device=device), False
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the bundled model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--concurrency", type=int, default=2, help="requests served at once; the rest queue")
+
+
+def run(args) -> int:
+    try:
+        cap, untrained = load_captioner(args.checkpoint, args.device)
+    except (OSError, ValueError) as e:  # a missing or mismatched checkpoint names its path
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo = build_demo(cap, untrained).queue(default_concurrency_limit=args.concurrency, max_size=256)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size="50mb",
+                ssr_mode=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="app.py", description="serve the captioner in the browser")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""The MLA decode cache: per layer only the normed KV latent and the rotated rope key.
+
+That is `kv_lora_rank + qk_rope_head_dim` values per token per layer (DeepSeek-V2
+section 2.1.4), instead of 2 * heads * head_dim for ordinary multi-head attention;
+the absorbed attention path reads keys and values straight from the latent.
+
+Main layers come first, then one layer per MTP depth. Every layer keeps its own
+`length`: in self-speculative decoding the MTP layers see fewer positions than the
+main model, and rejected draft tokens are rolled back with `crop`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LayerCache:
+    """Preallocated [B, max_len, ...] buffers for one attention layer, filled up to `length`."""
+
+    def __init__(self, batch_size: int, max_len: int, kv_lora_rank: int, rope_dim: int,
+                 device=None, dtype=None):
+        self.kv = torch.zeros(batch_size, max_len, kv_lora_rank, device=device, dtype=dtype)
+        self.pe = torch.zeros(batch_size, max_len, rope_dim, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[1]
+
+    def append(self, kv: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write kv [B, T, C] and pe [B, T, R] after the cached tokens; return all [B, length, ...]."""
+        b, t = kv.shape[:2]
+        if b != self.kv.shape[0]:
+            raise ValueError(f"KVCache: batch {b} does not match the cache's batch {self.kv.shape[0]}")
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {self.length} cached + {t} new tokens exceed max_len {self.max_len}; "
+                             "create the cache with a larger max_len")
+        # detached: the cache is for inference and must not keep autograd graphs alive
+        self.kv[:, self.length:end] = kv.detach().to(self.kv.dtype)
+        self.pe[:, self.length:end] = pe.detach().to(self.pe.dtype)
+        self.length = end
+        return self.kv[:, :end], self.pe[:, :end]
+
+    def crop(self, n: int) -> None:
+        self.length = max(0, min(self.length, n))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.kv = self.kv.index_select(0, index)
+        self.pe = self.pe.index_select(0, index)
+
+
+class KVCache:
+    """Caches for `n_main` transformer layers followed by the MTP layers."""
+
+    def __init__(self, n_main: int, n_mtp: int, batch_size: int, max_len: int, kv_lora_rank: int,
+                 rope_dim: int, device=None, dtype=None):
+        self.n_main = n_main
+        self.layers = [LayerCache(batch_size, max_len, kv_lora_rank, rope_dim, device, dtype)
+                       for _ in range(n_main + n_mtp)]
+
+    def layer(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+    def mtp_layer(self, k: int) -> LayerCache:
+        """The cache of MTP depth k (1-based)."""
+        if not 1 <= k <= len(self.layers) - self.n_main:
+            raise IndexError(f"KVCache: MTP depth {k} not in 1..{len(self.layers) - self.n_main}")
+        return self.layers[self.n_main + k - 1]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0].length
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].kv.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    def crop(self, n: int) -> None:
+        """Roll every layer back to at most n tokens (drop rejected speculative tokens)."""
+        for layer in self.layers:
+            layer.crop(n)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/reorder batch rows in place: row i becomes old row index[i] (beam search)."""
+        index = index.to(device=self.layers[0].kv.device, dtype=torch.long)
+        for layer in self.layers:
+            layer.reorder(index)
+
+    def bytes_per_token(self) -> int:
+        """Cache bytes per token per sequence, summed over all layers."""
+        return sum((lc.kv.shape[-1] + lc.pe.shape[-1]) * lc.kv.element_size() for lc in self.layers)

@@ -1,0 +1,293 @@
+"""The Gradio app through gradio_client, and its handlers called directly.
+
+Plumbing (API shape, bad input, streaming, batch, load) runs on a randomly
+initialised tiny checkpoint launched once for the module; whatever text it
+produces, the app must return exactly what `Captioner` returns for the same
+image and options. Correct captions need the trained default model and are
+skipped only while `mm/default_model/config.json` does not exist.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import socket
+import struct
+import threading
+import zlib
+from pathlib import Path
+
+import gradio as gr
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+import app
+from mm.captioner import DEFAULT_MODEL_DIR, Captioner
+from train.scenes import Scene, SceneObject, render, sample_rng, sample_scene, texts
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ("caption", "describe", "caption_zh", "describe_zh")
+FEW = 6  # max_new_tokens for the random model: its text is noise, its length only costs time
+AS_APP = dict(max_new_tokens=FEW, speculative=True)  # the app's defaults, with few tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(cap: Captioner, untrained: bool):
+    demo = app.build_demo(cap, untrained).queue(default_concurrency_limit=2)
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                show_error=True, ssr_mode=False)
+    return demo, f"http://127.0.0.1:{port}/"
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: the shape of a decompression bomb, a few bytes long."""
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR payload follows signature + length + type
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def centre_scene() -> Scene:
+    return Scene("white", [SceneObject(cell=4, shape="circle", colour="red", size="large", side=32, x=64, y=64)])
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("inputs")
+    scene = render(sample_scene(sample_rng("test", 0, 7)))
+    paths = {"scene": d / "scene.png", "grey": d / "grey.png", "rgba": d / "rgba.png", "text": d / "notes.txt",
+             "broken": d / "broken.png", "bomb": d / "bomb.png", "huge": d / "huge.png"}
+    scene.save(paths["scene"])
+    scene.convert("L").save(paths["grey"])
+    rgba = scene.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(scene.size))  # half-transparent: composited on white
+    rgba.save(paths["rgba"])
+    paths["text"].write_text("not an image")
+    paths["broken"].write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    paths["bomb"].write_bytes(png_header(20000, 20000))  # over PIL's own bomb guard
+    paths["huge"].write_bytes(png_header(9000, 8000))  # under PIL's guard, over the app's pixel cap
+    return {k: str(v) for k, v in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A random tiny checkpoint saved and loaded back, served on a free port: (captioner, client)."""
+    path = tmp_path_factory.mktemp("tiny") / "ckpt"
+    app.untrained_captioner(num_hidden_layers=2).save_pretrained(path)
+    cap = Captioner.from_pretrained(path, device="cpu")
+    demo, url = serve(cap, untrained=True)
+    yield cap, Client(url, verbose=False), url
+    demo.close()
+
+
+def test_caption_endpoint_returns_the_captioners_text_for_every_task(tiny, files):
+    cap, client, _ = tiny
+    for task in TASKS:
+        got = client.predict(handle_file(files["scene"]), task=task, max_new_tokens=FEW, api_name="/caption")
+        assert got == cap.caption(files["scene"], task=task, **AS_APP), task
+
+
+def test_caption_endpoint_options_have_defaults(tiny):
+    params = tiny[1].view_api(return_format="dict", print_info=False)["named_endpoints"]["/caption"]["parameters"]
+    defaults = {p["parameter_name"]: p.get("parameter_default") for p in params}
+    assert list(defaults)[:2] == ["image", "task"]
+    assert defaults["task"] == "caption" and defaults["mode"] == "greedy" and defaults["max_new_tokens"] == 64
+
+
+def test_decoding_modes_reach_the_captioner(tiny, files):
+    cap, client, _ = tiny
+    beam = client.predict(handle_file(files["scene"]), mode="beam search", num_beams=3, max_new_tokens=FEW,
+                          api_name="/caption")
+    assert beam == cap.caption(files["scene"], num_beams=3, max_new_tokens=FEW)
+    kw = dict(temperature=1.5, top_p=0.9, max_new_tokens=FEW, repetition_penalty=1.3)
+    sampled = client.predict(handle_file(files["scene"]), mode="sampling", seed=11, api_name="/caption", **kw)
+    assert sampled == cap.caption(files["scene"], seed=11, **kw)
+
+
+def test_grey_and_transparent_images_work(tiny, files):
+    cap, client, _ = tiny
+    rgba = Image.open(files["rgba"])
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
+    expected = {"grey": Image.open(files["grey"]).convert("RGB"), "rgba": on_white}
+    for name, reference in expected.items():
+        got = client.predict(handle_file(files[name]), max_new_tokens=FEW, api_name="/caption")
+        assert got == cap.caption(reference, **AS_APP), name
+
+
+@pytest.mark.parametrize("name, kwargs, message", [
+    ("no image", {"image": None}, "No image"),
+    ("text file", {"image": "text"}, "notes.txt is not a readable image"),
+    ("broken png", {"image": "broken"}, "is not a readable image"),
+    ("bomb over PIL's guard", {"image": "bomb"}, "too large to open safely"),
+    ("huge under PIL's guard", {"image": "huge"}, "over the limit of"),
+    ("too many tokens", {"max_new_tokens": 1000}, "Max new tokens"),
+    ("zero tokens", {"max_new_tokens": 0}, "Max new tokens"),
+    ("beams without beams", {"mode": "beam search", "num_beams": 1}, "Beams"),
+    ("unknown task", {"task": "poem"}, "poem"),
+])
+def test_bad_input_is_a_message_and_the_app_keeps_serving(tiny, files, name, kwargs, message):
+    cap, client, _ = tiny
+    kwargs = {"image": "scene", **kwargs}
+    kwargs["image"] = handle_file(files[kwargs["image"]]) if kwargs["image"] else None
+    with pytest.raises(AppError) as err:
+        client.predict(api_name="/caption", **kwargs)
+    assert message in str(err.value) and "Traceback" not in str(err.value) and "/tmp/" not in str(err.value)
+    assert client.predict(handle_file(files["scene"]), max_new_tokens=FEW, api_name="/caption") == \
+        cap.caption(files["scene"], **AS_APP)
+
+
+def test_stream_ends_with_the_full_text_stats_and_routing(tiny, files):
+    cap, client, _ = tiny
+    job = client.submit(handle_file(files["scene"]), "describe", "greedy", 4, 0.7, 1.0, 12, 1.0, False, None,
+                        api_name="/caption_stream")
+    text, stats, plot = job.result()
+    expected = cap.caption(files["scene"], task="describe", max_new_tokens=12, speculative=False)
+    # A stream cut by max_new_tokens holds back an unfinished UTF-8 character (U+FFFD) at its end.
+    assert text.rstrip("\ufffd") == expected.rstrip("\ufffd")
+    assert "tokens/s" in stats and "latency" in stats
+    assert plot is not None and "matplotlib" in json.dumps(plot)
+    partial = [out[0] for out in job.outputs()]
+    assert all(text.startswith(p) for p in partial)  # each update extends the text shown before
+
+
+def test_simultaneous_streams_hopping_threads_match_lone_runs(tiny, files):
+    """Gradio resumes a stream on any free worker thread, next to other users' streams: each step
+    must still run in inference mode, and the MoE's per-module routing counts must not mix users."""
+    shell = app.Shell(tiny[0])
+    args = ("caption", "greedy", 4, 0.7, 1.0, 12, 1.0, False, -1)
+    names = ("scene", "grey", "rgba", "scene", "grey", "rgba")
+    alone = [list(shell.stream(files[name], *args))[-1] for name in names[:3]] * 2
+    streams = dict(enumerate(shell.stream(files[name], *args) for name in names))
+    last, results = {}, {}
+
+    def step(i):  # a fresh thread per step: no thread-local state carries over
+        try:
+            results[i] = next(streams[i], None)
+        except Exception as e:
+            results[i] = e
+
+    while streams:
+        threads = [threading.Thread(target=step, args=(i,)) for i in streams]  # all step at once
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, out in results.items():
+            if isinstance(out, Exception):
+                raise out
+            if out is None:
+                del streams[i]
+            else:
+                last[i] = out
+        results.clear()
+    for got, want in zip([last[i] for i in range(len(names))], alone, strict=True):
+        assert got[0] == want[0]
+        routing = [out[2].axes[0].images[0].get_array() for out in (got, want)]
+        assert (routing[0] == routing[1]).all()  # each stream's routing view counts only its own tokens
+
+
+def test_batch_tab_captions_each_file_and_reports_broken_ones(tiny, files):
+    cap, client, _ = tiny
+    inputs = [files["scene"], files["broken"], files["grey"]]
+    table, summary, csv_path, jsonl_path = client.predict(
+        [handle_file(f) for f in inputs], "caption_zh", "greedy", 4, 0.7, 1.0, FEW, 1.0, True, None,
+        api_name="/caption_batch")
+    rows = table["data"]
+    assert [r[0] for r in rows] == ["scene.png", "broken.png", "grey.png"]
+    assert rows[0][1] == cap.caption(files["scene"], task="caption_zh", **AS_APP)
+    assert rows[1][1] == "" and "not a readable image" in rows[1][2]
+    assert "2 of 3" in summary
+    with open(csv_path, encoding="utf-8") as f:
+        from_csv = list(csv.DictReader(f))
+    from_jsonl = [json.loads(line) for line in Path(jsonl_path).read_text(encoding="utf-8").splitlines()]
+    for rec in (from_csv, from_jsonl):
+        assert [(r["file"], r["caption"], r["error"]) for r in rec] == [tuple(r) for r in rows]
+        assert {r["task"] for r in rec} == {"caption_zh"}
+    with pytest.raises(AppError, match="Invalid file type"):  # the file picker's type rule holds on the server
+        client.predict([handle_file(files["text"])], "caption", api_name="/caption_batch")
+
+
+def test_untrained_model_is_announced_on_the_page(tiny):
+    import urllib.request
+
+    with urllib.request.urlopen(tiny[2] + "config") as r:
+        config = r.read().decode()
+    assert "untrained" in config and "make default-model" in config
+
+
+def test_missing_default_model_falls_back_to_random_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "DEFAULT_MODEL_DIR", tmp_path / "nowhere")
+    cap, untrained = app.load_captioner(None, "cpu")
+    assert untrained and cap.tasks == list(TASKS)
+    with pytest.raises(Exception, match="does not exist"):  # an explicit checkpoint must exist
+        app.load_captioner(tmp_path / "nowhere", "cpu")
+
+
+def test_decoding_options_map_and_reject():
+    assert app.decoding_options("greedy", max_new_tokens=9) == dict(
+        max_new_tokens=9, repetition_penalty=1.0, speculative=True, num_beams=1, temperature=0.0, top_p=1.0)
+    assert app.decoding_options("beam search", num_beams=5)["num_beams"] == 5
+    sampled = app.decoding_options("sampling", temperature=0.5, top_p=0.8, seed=3.0)
+    assert (sampled["temperature"], sampled["top_p"], sampled["seed"], sampled["num_beams"]) == (0.5, 0.8, 3, 1)
+    for bad in (dict(mode="nucleus"), dict(max_new_tokens=2.5), dict(max_new_tokens=None),
+                dict(mode="sampling", temperature=0), dict(mode="beam search", num_beams=1)):
+        with pytest.raises(gr.Error):
+            app.decoding_options(**bad)
+
+
+def test_routing_figure_has_a_row_per_moe_layer():
+    fig = app.routing_figure([[3, 1, 0, 0], [0, 0, 2, 2], [1, 1, 1, 1]])
+    image = fig.axes[0].images[0].get_array()
+    assert image.shape == (3, 4)
+    assert abs(float(image.sum(1)[0]) - 1.0) < 1e-9 and float(image[0, 0]) == 0.75
+    assert app.routing_figure([]) is None
+
+
+def test_command_line_defaults_and_bad_checkpoint(tmp_path, capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    app.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.host, args.port, args.checkpoint) == ("127.0.0.1", 7860, None)
+    assert app.run(parser.parse_args(["--checkpoint", str(tmp_path / "missing")])) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+def test_load_sixteen_clients_all_served_and_consistent(tiny, files):
+    spec = importlib.util.spec_from_file_location("app_load", ROOT / "benchmarks" / "app_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    jobs = [(files[name], task) for name in ("scene", "grey") for task in ("caption", "describe_zh")]
+    result = bench.run_load(tiny[2], jobs, clients=16, requests=4, max_new_tokens=3)
+    assert result["requests"] == 64 and result["ok"] == 64 and result["correct"] == 64, result
+    assert result["p50_s"] <= result["p95_s"]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    if not (DEFAULT_MODEL_DIR / "config.json").exists():
+        pytest.skip(f"no trained default model yet ({DEFAULT_MODEL_DIR / 'config.json'} is missing)")
+    demo, url = serve(Captioner.from_pretrained(None, device="cpu"), untrained=False)
+    yield Client(url, verbose=False)
+    demo.close()
+
+
+def test_default_model_captions_a_scene_right_in_every_task(trained, tmp_path):
+    scene = centre_scene()
+    path = tmp_path / "scene.png"
+    render(scene).save(path)
+    for task in TASKS:
+        assert trained.predict(handle_file(str(path)), task=task, api_name="/caption") == texts(scene)[task]

@@ -4,10 +4,11 @@ The config is a key map (our LMConfig uses the published names, so it is mostly 
 identity); the weights are a name map from our reference-style names to the HF ones:
 `layers.3.attn.wkv_a` <-> `model.layers.3.self_attn.kv_a_proj_with_mqa`, stacked routed
 experts `ffn.experts.w1[e]` <-> `mlp.experts.{e}.gate_proj`, MTP module k <->
-`model.layers.{num_hidden_layers + k}` (its `embed_tokens` / `shared_head` copies of
-the main embedding, final norm and head are written on save and skipped on load; our
-MTP uses the main final norm, so a `shared_head.norm` that differs from it is
-reported with a warning). Unknown config keys warn; missing essentials are errors.
+`model.layers.{num_hidden_layers + k - 1}`, whose own final norm `shared_head.norm` is
+`mtp.{k-1}.norm` and is required; its `embed_tokens` / `shared_head.head` copies of the
+main embedding and head are written on save and skipped on load. A checkpoint with no
+MTP layer at all (as transformers saves DeepSeek-V3) loads without MTP, with a warning.
+Unknown config keys warn; missing essentials are errors.
 
 Numerics: tensors keep their stored dtype unless `dtype` is given (then all of them,
 router included, take it). FP8 weights
@@ -68,11 +69,12 @@ BLOCK_MODULES = {  # ours (inside a Block or MTPModule) -> HF (inside model.laye
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "ffn.w1": "mlp.gate_proj", "ffn.w2": "mlp.down_proj", "ffn.w3": "mlp.up_proj", "ffn.gate": "mlp.gate",
     "ffn.shared_experts.w1": "mlp.shared_experts.gate_proj", "ffn.shared_experts.w2": "mlp.shared_experts.down_proj",
-    "ffn.shared_experts.w3": "mlp.shared_experts.up_proj", "enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj",
+    "ffn.shared_experts.w3": "mlp.shared_experts.up_proj",
 }
+MTP_MODULES = {  # an MTPModule's own modules, outside its block
+    "enorm": "enorm", "hnorm": "hnorm", "eh_proj": "eh_proj", "norm": "shared_head.norm"}
 EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.norm.weight": "norm.weight",
-              "shared_head.head.weight": "head.weight"}
+MTP_COPIES = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
 FP8_BLOCK = 128
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
 
@@ -136,20 +138,22 @@ def hf_names(key: str, cfg: LMConfig) -> list[str]:
     """The HF tensor name(s) of one of our state_dict keys; stacked experts give one per expert."""
     if key in TOP_KEYS:
         return [TOP_KEYS[key]]
-    m = re.fullmatch(r"layers\.(\d+)\.(.+)", key) or re.fullmatch(r"mtp\.(\d+)\.(?:block\.)?(.+)", key)
+    m = re.fullmatch(r"layers\.(\d+)\.()(.+)", key) or re.fullmatch(r"mtp\.(\d+)\.(block\.)?(.+)", key)
     if m is None:
         raise KeyError(f"hf_names: no DeepSeek checkpoint name for parameter {key!r}")
-    index = int(m[1]) + (cfg.num_hidden_layers if key.startswith("mtp.") else 0)
-    prefix, rest = f"model.layers.{index}.", m[2]
+    in_mtp = key.startswith("mtp.")
+    index = int(m[1]) + (cfg.num_hidden_layers if in_mtp else 0)
+    prefix, rest = f"model.layers.{index}.", m[3]
     if is_stacked(key):
         proj = EXPERT_PROJ[rest[-2:]]
         return [f"{prefix}mlp.experts.{e}.{proj}.weight" for e in range(cfg.n_routed_experts)]
     if rest == "ffn.gate.bias":
         return [prefix + "mlp.gate.e_score_correction_bias"]
     module, _, param = rest.rpartition(".")
-    if module not in BLOCK_MODULES:
+    modules = MTP_MODULES if in_mtp and not m[2] else BLOCK_MODULES
+    if module not in modules:
         raise KeyError(f"hf_names: no DeepSeek checkpoint name for parameter {key!r}")
-    return [f"{prefix}{BLOCK_MODULES[module]}.{param}"]
+    return [f"{prefix}{modules[module]}.{param}"]
 
 
 def is_stacked(key: str) -> bool:
@@ -205,7 +209,10 @@ def _check(plan: dict, headers: dict, cfg: LMConfig, source: Path) -> None:
     """Fail before loading anything: missing, misshaped or unexpected tensors, named."""
     missing = [n for n in plan if n not in headers]
     if missing:
-        raise KeyError(f"load_hf: {source} lacks {len(missing)} tensor(s), e.g. {missing[:5]}")
+        norms = [n for n in missing if n.endswith("shared_head.norm.weight")]
+        hint = (f"; {norms} is the MTP layer's own final norm, not a copy of model.norm.weight: "
+                "a checkpoint whose MTP shared the main norm needs that copy added") if norms else ""
+        raise KeyError(f"load_hf: {source} lacks {len(missing)} tensor(s), e.g. {missing[:5]}{hint}")
     for name, (_, _, shape) in plan.items():
         found, dt = headers[name]
         if found != shape:
@@ -247,25 +254,17 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device="c
         stored = headers[name][1]
         want = dtype or (fp8_dtype if stored.startswith("F8") else SAFETENSORS_DTYPES[stored])
         targets.setdefault(key, torch.empty(meta[key].shape, dtype=want, device=device))
-    mtp_norms = _fill(targets, plan, files, headers, cfg, interleaved)
+    _fill(targets, plan, files, headers, cfg, interleaved)
     _install(model, targets, cfg, device)
-    differing = [n for n, w in mtp_norms.items() if not torch.equal(w.to(model.norm.weight), model.norm.weight)]
-    if differing:  # our MTP modules share the main final norm, as they share the head
-        warnings.warn(f"load_hf: {differing} differ from model.norm.weight and are not used; MTP drafts "
-                      "go through the main final norm", stacklevel=2)
     return model.eval()
 
 
-def _fill(targets: dict, plan: dict, files: dict, headers: dict, cfg: LMConfig, interleaved: bool) -> dict:
-    """Copy every planned tensor into place, shard by shard, one tensor in flight at a time;
-    returns the MTP layers' own final-norm weights (small) for a consistency check."""
-    mtp_norms = {}
+def _fill(targets: dict, plan: dict, files: dict, headers: dict, cfg: LMConfig, interleaved: bool) -> None:
+    """Copy every planned tensor into place, shard by shard, one tensor in flight at a time."""
     with ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, "pt")) for f in sorted(set(files.values()))}
         for f in handles.values():
             for name in f.keys():
-                if name.endswith("shared_head.norm.weight"):
-                    mtp_norms[name] = f.get_tensor(name)
                 if name not in plan:
                     continue
                 key, expert, _ = plan[name]
@@ -275,7 +274,6 @@ def _fill(targets: dict, plan: dict, files: dict, headers: dict, cfg: LMConfig, 
                 if not interleaved and (rows := _rope_rows(key, cfg, t.shape[0])) is not None:
                     t = t[rows]
                 (targets[key] if expert is None else targets[key][expert]).copy_(t)
-    return mtp_norms
 
 
 def _install(model: Transformer, tensors: dict[str, torch.Tensor], cfg: LMConfig, device) -> None:
@@ -299,7 +297,7 @@ def _install(model: Transformer, tensors: dict[str, torch.Tensor], cfg: LMConfig
 
 
 def _hf_tensors(model: Transformer) -> list[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) in checkpoint order; MTP layers also carry copies of embedding, norm and head."""
+    """(HF name, tensor) in checkpoint order; MTP layers also carry copies of the embedding and head."""
     cfg, state = model.cfg, model.state_dict()
     out = []
     for key, t in state.items():

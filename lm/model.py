@@ -140,7 +140,7 @@ class Transformer(nn.Module):
         positions, mask, valid = positions_and_mask(attention_mask, start, b, n, hidden_prev.device)
         cos, sin = self.rope(positions)
         h, _ = self.mtp[k - 1](hidden_prev, embeds_ahead, cos, sin, mask, layer_cache, valid)
-        return self.head(self.norm(h)), h
+        return self.head(self.mtp[k - 1].norm(h)), h
 
     def mtp_logits(self, hidden: torch.Tensor, inputs_embeds: torch.Tensor,
                    attention_mask=None) -> list[torch.Tensor]:

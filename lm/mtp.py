@@ -3,7 +3,8 @@
 Module k combines the previous depth's hidden state h^{k-1}_i with the embedding of
 token t_{i+k}: h'_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]) (embedding
 first, the order public checkpoints store `eh_proj` in), runs one transformer block
-and predicts t_{i+k+1} through the model's shared final norm and output head. The
+and predicts t_{i+k+1} through its own final norm (`shared_head.norm` in DeepSeek-V3's
+published checkpoints) and the model's shared output head. The
 causal chain is kept: depth k sees depth k-1's prediction state, not a parallel head.
 
 The loss is lambda / D * sum_k CE_k (eq. 24-25), added to the main next-token loss
@@ -21,7 +22,8 @@ from lm.norm import RMSNorm
 
 
 class MTPModule(nn.Module):
-    """enorm, hnorm, eh_proj and one transformer `block` (built by the model, same type as its last layer)."""
+    """enorm, hnorm, eh_proj, one transformer `block` (built by the model, same type as its last
+    layer) and the final `norm` applied before the shared output head."""
 
     def __init__(self, cfg: LMConfig, block: nn.Module):
         super().__init__()
@@ -30,6 +32,7 @@ class MTPModule(nn.Module):
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.eh_proj = nn.Linear(2 * d, d, bias=False)
         self.block = block
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, hidden_prev: torch.Tensor, embeds_ahead: torch.Tensor, cos, sin,
                 mask=None, cache=None, valid=None) -> tuple[torch.Tensor, torch.Tensor]:

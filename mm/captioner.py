@@ -111,15 +111,23 @@ class Captioner:
             raise ValueError("beam search cannot stream: use num_beams=1, or caption() for beams")
         stats = stats if stats is not None else GenerationStats()
         decoder = self.tokenizer.stream_decoder()
-        started = False
+        # Inference mode is entered per step, not across the yields: a server may resume
+        # this generator on another thread, where a mode entered earlier does not hold.
         with torch.inference_mode():
             pixels, prefix = self._pixels([image]), self._prefix(task, 1)
-            for step in stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats):
-                for tok in step[0]:
-                    piece = decoder.push(tok)
-                    if not started:  # the caption's leading space is not part of the text
-                        piece = piece.lstrip()
-                        started = bool(piece)
-                    if piece:
-                        yield piece
-
+            steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats)
+        started = False
+        while True:
+            with torch.inference_mode():
+                step = next(steps, None)
+            if step is None:
+                break
+            for piece in [decoder.push(tok) for tok in step[0]]:
+                if not started:  # the caption's leading space is not part of the text
+                    piece = piece.lstrip()
+                    started = bool(piece)
+                if piece:
+                    yield piece
+        tail = decoder.flush()  # bytes of a character cut off by max_new_tokens
+        if tail and (started or tail.strip()):
+            yield tail if started else tail.lstrip()

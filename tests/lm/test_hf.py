@@ -52,6 +52,8 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
                                      dict(n_routed_experts=0, num_experts_per_tok=1, n_group=1)])
 def test_round_trip_is_bit_exact(changes, tmp_path):
     model = random_model(**changes)
+    for m in model.mtp:  # each MTP depth's final norm is its own weight, unlike the main norm
+        assert not torch.equal(m.norm.weight, model.norm.weight)
     back = load_hf(save_hf(model, tmp_path))
     assert back.cfg == model.cfg
     assert_same_state(model, back)
@@ -95,6 +97,8 @@ def test_published_key_layout_and_sharding(tmp_path):
         assert key in names, key
     with safe_open(tmp_path / index["weight_map"][layer + "mlp.experts.3.up_proj.weight"], "pt") as f:
         assert torch.equal(f.get_tensor(layer + "mlp.experts.3.up_proj.weight"), model.layers[1].ffn.experts.w3[3])
+    with safe_open(tmp_path / index["weight_map"][mtp + "shared_head.norm.weight"], "pt") as f:
+        assert torch.equal(f.get_tensor(mtp + "shared_head.norm.weight"), model.mtp[0].norm.weight)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model_type"] == "deepseek_v3" and cfg["architectures"] == ["DeepseekV3ForCausalLM"]
     assert_same_state(model, load_hf(tmp_path))
@@ -204,12 +208,36 @@ def test_errors_name_the_tensor(tmp_path):
         load_hf(tmp_path)
 
 
-def test_separate_mtp_norm_warns(tmp_path):
+def test_shared_head_norm_is_the_mtp_final_norm(tmp_path):
+    model = random_model()
+    save_hf(model, tmp_path)
+    key = "model.layers.2.shared_head.norm.weight"  # 2 main layers: the MTP layer is model.layers.2
+    norm = 1 + 0.5 * torch.randn(32)
+    rewrite(tmp_path, lambda t: t.update({key: norm}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = load_hf(tmp_path)
+    assert torch.equal(back.mtp[0].norm.weight, norm) and torch.equal(back.norm.weight, model.norm.weight)
+    hidden, embeds = torch.randn(2, 7, 32), back.embed(torch.randint(0, 64, (2, 7)))
+    with torch.no_grad():
+        logits, h = back.mtp_step(1, hidden, embeds)
+        before, _ = model.mtp_step(1, hidden, embeds)
+        manual = back.head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + back.cfg.rms_norm_eps) * norm)
+        model.mtp[0].norm.weight.copy_(norm)
+        explicit, _ = model.mtp_step(1, hidden, embeds)
+    assert (logits - before).abs().max() > 0.1  # the loaded norm is the one used
+    assert torch.equal(logits, explicit)
+    torch.testing.assert_close(logits, manual)
+
+
+def test_mtp_layer_without_shared_head_norm_is_an_error(tmp_path):
     save_hf(random_model(), tmp_path)
-    key = "model.layers.2.shared_head.norm.weight"
-    rewrite(tmp_path, lambda t: t.update({key: t[key] * 2}))
-    with pytest.warns(UserWarning, match="shared_head.norm"):
+    rewrite(tmp_path, lambda t: t.pop("model.layers.2.shared_head.norm.weight"))
+    with pytest.raises(KeyError, match=r"model\.layers\.2\.shared_head\.norm\.weight.*own final norm"):
         load_hf(tmp_path)
+    rewrite(tmp_path, lambda t: [t.pop(n) for n in list(t) if n.startswith("model.layers.2.")])
+    with pytest.warns(UserWarning, match="no MTP weights"):  # no MTP layer at all: loads without MTP
+        assert len(load_hf(tmp_path).mtp) == 0
 
 
 def test_v2_refuses_the_v3_router(tmp_path):

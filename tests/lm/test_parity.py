@@ -3,15 +3,21 @@
 Each case builds a tiny transformers model, randomises every weight (router biases
 included, so the biased selection differs from the unbiased weights), saves it with
 `save_pretrained`, loads it with `lm.hf.load_hf` and compares logits on random ids.
+The MTP layer, which transformers does not build, is checked by hand-adding one in
+DeepSeek-V3's published layout and running its block through transformers' decoder layer.
 Transformers is a test-only dependency.
 """
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from lm.hf import load_hf, save_hf
 
 transformers = pytest.importorskip("transformers")
+create_causal_mask = pytest.importorskip("transformers.masking_utils").create_causal_mask
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.0}
@@ -95,6 +101,51 @@ def test_sharded_transformers_checkpoint_and_missing_mtp(tmp_path):
     with pytest.warns(UserWarning, match="no MTP weights"):
         ours = load_hf(tmp_path / "hf")
     assert len(ours.mtp) == 0
+    assert_same_logits(hf, ours)
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def test_hand_made_mtp_layer_matches_a_transformers_block(tmp_path):
+    """DeepSeek-V3's published MTP layout, built by hand around a transformers decoder layer:
+    a 4-layer model saved by transformers becomes 3 main layers plus MTP layer model.layers.3
+    (enorm, hnorm, eh_proj, shared_head.norm added, embedding and head copied). Our MTP step
+    must equal that layer run by transformers between the MTP norms and the shared head."""
+    hf = hf_model(hf_config(3, num_hidden_layers=4), tmp_path)
+    d, eps, mtp = hf.config.hidden_size, hf.config.rms_norm_eps, "model.layers.3."
+    own = {"enorm.weight": 1 + 0.2 * torch.randn(d), "hnorm.weight": 1 + 0.2 * torch.randn(d),
+           "eh_proj.weight": 0.15 * torch.randn(d, 2 * d), "shared_head.norm.weight": 1 + 0.5 * torch.randn(d)}
+    tensors = load_file(tmp_path / "hf" / "model.safetensors")
+    tensors.update({mtp + k: v for k, v in own.items()})
+    tensors.update({mtp + "embed_tokens.weight": hf.model.embed_tokens.weight.detach().clone(),
+                    mtp + "shared_head.head.weight": hf.lm_head.weight.detach().clone()})
+    save_file(tensors, tmp_path / "hf" / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cfg.pop("num_mtp_layers", None)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3,
+                                                             "num_nextn_predict_layers": 1}))
+    ours = load_hf(tmp_path / "hf")
+    assert len(ours.layers) == 3 and len(ours.mtp) == 1
+    assert torch.equal(ours.mtp[0].norm.weight, own["shared_head.norm.weight"])
+
+    ids, hidden = torch.randint(0, hf.config.vocab_size, (2, 12)), torch.randn(2, 12, d)
+    with torch.no_grad():
+        got, _ = ours.mtp_step(1, hidden, ours.embed(ids))
+        emb = hf.model.embed_tokens(ids)
+        x = torch.cat([rms(emb, own["enorm.weight"], eps), rms(hidden, own["hnorm.weight"], eps)], -1)
+        x = x @ own["eh_proj.weight"].T
+        pos = torch.arange(ids.shape[1])[None]
+        mask = create_causal_mask(config=hf.config, inputs_embeds=x, attention_mask=None, cache=None,
+                                  position_ids=pos)
+        x = hf.model.layers[3](x, attention_mask=mask, position_ids=pos,
+                               position_embeddings=hf.model.rotary_emb(x, pos))
+        want = hf.lm_head(rms(x, own["shared_head.norm.weight"], eps))
+        with_main_norm = hf.lm_head(rms(x, hf.model.norm.weight, eps))
+    assert want.abs().max() > 1 and (want - with_main_norm).abs().max() > 0.1  # the norm matters
+    assert (got - want).abs().max().item() < 1e-4
+    hf.config.num_hidden_layers = 3  # transformers then runs the same 3 main layers as ours
     assert_same_logits(hf, ours)
 
 

@@ -31,8 +31,16 @@ test-slow: $(STAMP) browser
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The bundled model: synthetic shards -> training -> bf16 export into the package -> scores.
+SHAPES := data/shapes
 default-model: $(STAMP)
+	$(BIN)/mm shards synth --out $(SHAPES) --n 200000 --seed 0 --split train --workers 2
+	$(BIN)/mm shards synth --out $(SHAPES) --n 2000 --seed 0 --split val
+	$(BIN)/mm shards synth --out $(SHAPES) --n 1000 --seed 0 --split test
+	rm -rf runs/shapes-tiny
 	$(BIN)/mm train configs/shapes-tiny.json --out runs/shapes-tiny --export mm/default_model
+	cp runs/shapes-tiny/loss.png mm/default_model/loss.png
+	$(BIN)/mm eval --checkpoint mm/default_model --data '$(SHAPES)/test-000000.tar' --out mm/default_model/eval.json
 
 clean-venv:
 	rm -rf $(VENV)

@@ -18,7 +18,7 @@ per optimiser step from the load counted since the last update (all-reduced over
 ranks when torch.distributed is initialised), and an optional sequence-wise balance
 loss (eq. 17-20) is returned by the layer when aux_loss_alpha > 0. Padding tokens
 are routed and computed (cheaper than compacting) but not counted as load.
-Under DDP, keep `broadcast_buffers=False` so each rank's `load` counter survives.
+Under DDP the counters must stay rank-local: train/dist.py tells DDP not to broadcast them.
 """
 
 from __future__ import annotations

@@ -45,6 +45,27 @@ class OptimConfig(ConfigBase):
     grad_accum: int = 1
 
 
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev")
+
+
+@dataclass
+class ParallelConfig(ConfigBase):
+    """Pipeline parallelism (train/pipeline.py); under torchrun the data-parallel degree is
+    world_size / stages. gpipe and 1f1b run one stage per rank; interleaved1f1b, zbv and
+    dualpipev run two (zbv and dualpipev in a V: rank r holds stages r and 2 * stages - 1 - r)."""
+
+    stages: int = 1  # ranks in the pipeline dimension; 1 = no pipeline
+    schedule: str = "1f1b"  # gpipe | 1f1b | interleaved1f1b | zbv | dualpipev
+    microbatches: int = 4  # per batch; optim.batch_size must be a multiple
+
+    def __post_init__(self):
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError(f"TrainConfig.pipeline.schedule: {self.schedule!r} is not one of {PIPELINE_SCHEDULES}")
+        if self.stages < 1 or self.microbatches < 1:
+            raise ConfigError(f"TrainConfig.pipeline: stages ({self.stages}) and microbatches "
+                              f"({self.microbatches}) must be at least 1")
+
+
 @dataclass
 class TrainConfig(ConfigBase):
     model: MMConfig = field(default_factory=lambda: preset("tiny"))
@@ -66,6 +87,7 @@ class TrainConfig(ConfigBase):
     channels_last: bool = True  # faster convolutions on CPU and GPU
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) when launched by torchrun
+    pipeline: ParallelConfig = field(default_factory=ParallelConfig)  # stages > 1: pipeline x data parallel
     tensorboard: bool = False
 
     def __post_init__(self):

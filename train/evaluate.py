@@ -54,16 +54,19 @@ def read_samples(urls: str, limit: int = 0) -> list[dict]:
 def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, spec_samples: int = 100) -> dict:
     """Scores from batched greedy decoding; speculation (whose output is the same) runs one
     image at a time, so it is measured on the first `spec_samples` images of each task."""
+    from mm.generate import GenerationStats
     from train.metrics import caption_scores, scene_attribute_accuracy
 
-    results = {}
+    results, routing = {}, GenerationStats()
     for task in tasks:
         rows = [s for s in samples if task in s["texts"]]
         if not rows:
             continue
         preds, t0, stats = [], time.perf_counter(), None
         for i in tqdm(range(0, len(rows), batch_size), desc=f"eval {task}", file=sys.stderr, leave=False):
-            preds += cap.run([r["image"] for r in rows[i : i + batch_size]], task=task, speculative=False).texts
+            res = cap.run([r["image"] for r in rows[i : i + batch_size]], task=task, speculative=False)
+            preds += res.texts
+            routing.add(res.stats)
         if spec_samples:
             spec = cap.run([r["image"] for r in rows[:spec_samples]], task=task, speculative=True)
             stats = spec.stats
@@ -81,6 +84,11 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
         scores["examples"] = [{"key": r["key"], "pred": p, "ref": r["texts"][task]}
                               for r, p in list(zip(rows, preds))[:5]]
         results[task] = scores
+    if routing.expert_load:  # every token the model read or wrote, all tasks together
+        results["expert_load"] = {
+            "max_over_mean": [max(layer) / (sum(layer) / len(layer)) for layer in routing.expert_load],
+            "load": routing.expert_load,
+        }
     return results
 
 
@@ -88,9 +96,14 @@ def table(results: dict) -> str:
     cols = ["exact_match", "bleu4", "rouge_l", "cider", "mtp_acceptance"]
     lines = ["| task | n | " + " | ".join(cols) + " | attributes |", "|" + "---|" * (len(cols) + 3)]
     for task, s in results.items():
+        if task == "expert_load":
+            continue
         vals = " | ".join("-" if s.get(c) is None else f"{s[c]:.3f}" for c in cols)
         attrs = ", ".join(f"{k} {v:.3f}" for k, v in s.get("attributes", {}).items())
         lines.append(f"| {task} | {s['n']} | {vals} | {attrs} |")
+    if "expert_load" in results:
+        ratios = ", ".join(f"{r:.2f}" for r in results["expert_load"]["max_over_mean"])
+        lines.append(f"\nexpert load max/mean per MoE layer (all tasks): {ratios}")
     return "\n".join(lines)
 
 

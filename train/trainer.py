@@ -11,6 +11,7 @@ RNG state travel in `train_state/`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -145,6 +146,8 @@ def train_step(model, opt, sched, stream: DataStream, cfg: TrainConfig, info: D.
     stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, clip))
     opt.step()
     sched.step()
+    layers = lm.moe_layers(D.unwrap(model).lm)
+    stats["load"] = torch.stack([m.load.float() for m in layers]) if layers else None  # this rank's
     stats["load_max_over_mean"] = lm.update_router_bias(D.unwrap(model).lm)
     return stats | {"skipped": False}
 
@@ -160,18 +163,32 @@ def evaluate(model, cfg: TrainConfig, tokenizer, info: D.DistInfo) -> float:
     stream = DataStream(cfg, cfg.data.val, tokenizer, raw.num_image_tokens, image_transform(raw), info,
                         resampled=False, num_workers=0)
     losses = []
-    for _ in range(cfg.eval_batches):
-        batch = stream.next(stop_at_epoch_end=True)
-        if batch is None:
-            break
-        losses.append(float(forward_loss(model, batch, cfg, info.device).main))
+    with _plain_precision(raw, cfg):
+        for _ in range(cfg.eval_batches):
+            batch = stream.next(stop_at_epoch_end=True)
+            if batch is None:
+                break
+            losses.append(float(forward_loss(model, batch, cfg, info.device).main))
     model.train(was_training)
     return D.mean_over_ranks(sum(losses) / max(1, len(losses)), info)
+
+
+def _plain_precision(raw, cfg: TrainConfig):
+    """Evaluation runs the FP8-converted layers in plain precision."""
+    if cfg.precision != "fp8":
+        return contextlib.nullcontext()
+    from train import fp8
+
+    return fp8.fp8_disabled(raw)
 
 
 def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | None = None,
           tokenizer: Tokenizer | None = None, export: str | None = None) -> Path:
     """Run (or continue) a training run; returns the final checkpoint directory."""
+    if cfg.pipeline.stages > 1:
+        from train import pipeline
+
+        return pipeline.train(cfg, resume=resume, export=export, model=model, tokenizer=tokenizer)
     info = D.setup()
     out_dir = Path(cfg.out_dir)
     torch.manual_seed(cfg.seed)
@@ -252,9 +269,11 @@ def _log_record(window, seconds, state, sched, stream, info) -> dict:
     rec["grad_norm"] = sum(w.get("grad_norm", 0.0) for w in done) / n
     rec["tokens_per_s"] = sum(w["tokens"] for w in window) * info.world_size / max(seconds, 1e-9)
     rec["images_per_s"] = sum(w["images"] for w in window) * info.world_size / max(seconds, 1e-9)
-    loads = [w["load_max_over_mean"] for w in done if "load_max_over_mean" in w]
-    if loads:
-        rec["expert_load_max_over_mean"] = loads[-1]
+    loads = [w["load"] for w in done if w.get("load") is not None]
+    if loads:  # balance over the whole interval (several batches and tasks), per MoE layer
+        total = torch.stack(loads).sum(0)
+        rec["expert_load_max_over_mean"] = (total.amax(-1) / total.mean(-1).clamp(min=1e-9)).tolist()
+        rec["expert_load_last_step"] = done[-1]["load_max_over_mean"]
     rec["skipped_steps"] = state["skipped"]
     rec["data_errors"] = stream.errors_seen()
     return rec

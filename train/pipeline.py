@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -114,6 +115,9 @@ class Pipeline:
     def schedule(self, key: tuple):
         """The schedule for one microbatch shape (built on first use, on every pp rank alike)."""
         if key not in self._schedules:
+            if len(self._schedules) == 8:
+                warnings.warn("pipeline: more than 8 batch shapes so far, each with its own schedule and buffers; "
+                              "set data.pad_to to fixed lengths per task", stacklevel=2)
             device = self.grid.info.device
             stages = [PipelineStage(s, i, self.num_stages, device, group=self.grid.pp_group)
                       for s, i in zip(self.stages, self.stage_ids)]
@@ -160,15 +164,18 @@ class Pipeline:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].dtype))
         return float(total)
 
-    def update_router_bias(self) -> list[float]:
-        """Bias step of this rank's MoE layers (loads summed over the dp group), then every
-        layer's max/mean load gathered over the pipeline in model order."""
-        names = [n for n, m in self.parts.named_modules() if isinstance(m, lm.moe.MoE)]
-        mine = dict(zip(names, lm.update_router_bias(self.parts, group=self.grid.dp_group)))
+    def update_router_bias(self) -> tuple[torch.Tensor, list[float]]:
+        """Bias step of this rank's MoE layers (loads summed over the dp group). Returns this
+        replica's loads [L, E] and each layer's max/mean load, over the whole pipeline in model order."""
+        layers = {n: m for n, m in self.parts.named_modules() if isinstance(m, lm.moe.MoE)}
+        loads = {n: m.load.float().cpu().clone() for n, m in layers.items()}  # zeroed by the update
+        ratios = dict(zip(layers, lm.update_router_bias(self.parts, group=self.grid.dp_group)))
         everyone = [None] * self.grid.pp_size
-        dist.all_gather_object(everyone, mine, group=self.grid.pp_group)
-        merged = {k: v for d in everyone for k, v in d.items()}
-        return [merged[n] for n in self.moe_names if n in merged]
+        dist.all_gather_object(everyone, (loads, ratios), group=self.grid.pp_group)
+        loads = {k: v for d, _ in everyone for k, v in d.items()}
+        ratios = {k: v for _, d in everyone for k, v in d.items()}
+        names = [n for n in self.moe_names if n in loads]
+        return (torch.stack([loads[n] for n in names]) if names else None), [ratios[n] for n in names]
 
 
 def train_step(pipe: Pipeline, opt, sched, stream, cfg: TrainConfig) -> dict:
@@ -194,7 +201,7 @@ def train_step(pipe: Pipeline, opt, sched, stream, cfg: TrainConfig) -> dict:
     stats["grad_norm"] = pipe.reduce_and_clip(cfg.optim.grad_clip)
     opt.step()
     sched.step()
-    stats["load_max_over_mean"] = pipe.update_router_bias()
+    stats["load"], stats["load_max_over_mean"] = pipe.update_router_bias()
     return stats | {"skipped": False}
 
 

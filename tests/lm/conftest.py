@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import lm
 from lm import LMConfig
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
@@ -24,6 +25,25 @@ def _tiny_config(**changes) -> LMConfig:
 def tiny_config():
     """Factory: tiny_config(**changes) -> LMConfig."""
     return _tiny_config
+
+
+def _random_model(**changes) -> lm.Transformer:
+    model = lm.Transformer(_tiny_config(**changes))
+    with torch.no_grad():
+        for m in lm.moe_layers(model):
+            if m.gate.bias is not None:
+                m.gate.bias.normal_(0, 0.1)
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))  # norms away from 1 so a mix-up would show
+    return model.eval()
+
+
+@pytest.fixture
+def random_model():
+    """Factory: random_model(**changes) -> an eval-mode Transformer with non-zero router
+    biases and norms away from 1, so a mixed-up tensor changes the outputs."""
+    return _random_model
 
 
 @pytest.fixture

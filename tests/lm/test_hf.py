@@ -17,27 +17,6 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
         "beta_fast": 32, "beta_slow": 1, "mscale": 0.8, "mscale_all_dim": 1.0}
 
 
-def tiny_config(**changes) -> lm.LMConfig:
-    """Two layers (dense, then MoE with 2 groups of 4 experts) and one MTP module."""
-    base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=48, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
-                qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=64, n_routed_experts=8,
-                n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=16,
-                first_k_dense_replace=1, n_group=2, topk_group=1, num_nextn_predict_layers=1,
-                initializer_range=0.1)
-    return lm.LMConfig(**{**base, **changes})
-
-
-def random_model(**changes) -> lm.Transformer:
-    model = lm.Transformer(tiny_config(**changes))
-    with torch.no_grad():
-        for m in lm.moe_layers(model):
-            if m.gate.bias is not None:
-                m.gate.bias.normal_(0, 0.1)
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(0.1 * torch.randn_like(p))  # norms away from 1 so a mix-up would show
-    return model.eval()
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
@@ -50,7 +29,7 @@ def assert_same_state(a: torch.nn.Module, b: torch.nn.Module):
 @pytest.mark.parametrize("changes", [dict(), dict(q_lora_rank=12, rope_scaling=YARN, attention_bias=True),
                                      dict(tie_word_embeddings=True, num_nextn_predict_layers=2),
                                      dict(n_routed_experts=0, num_experts_per_tok=1, n_group=1)])
-def test_round_trip_is_bit_exact(changes, tmp_path):
+def test_round_trip_is_bit_exact(random_model, changes, tmp_path):
     model = random_model(**changes)
     for m in model.mtp:  # each MTP depth's final norm is its own weight, unlike the main norm
         assert not torch.equal(m.norm.weight, model.norm.weight)
@@ -65,7 +44,7 @@ def test_round_trip_is_bit_exact(changes, tmp_path):
                        back.mtp_logits(out_back.hidden, back.embed(ids))[0])
 
 
-def test_mixed_dtypes_survive_and_dtype_argument_casts(tmp_path):
+def test_mixed_dtypes_survive_and_dtype_argument_casts(random_model, tmp_path):
     model = random_model().to(torch.bfloat16)
     model.layers[1].ffn.gate.float()  # the router kept in fp32, as published checkpoints do
     back = load_hf(save_hf(model, tmp_path))
@@ -76,7 +55,7 @@ def test_mixed_dtypes_survive_and_dtype_argument_casts(tmp_path):
     assert wide.rope.inv_freq.dtype == torch.float32 and wide.layers[1].ffn.load.dtype == torch.float32
 
 
-def test_published_key_layout_and_sharding(tmp_path):
+def test_published_key_layout_and_sharding(random_model, tmp_path):
     model = random_model(q_lora_rank=12)
     save_hf(model, tmp_path, shard_size=4096)
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
@@ -118,7 +97,7 @@ def quantise_fp8(w: torch.Tensor, block: int = 128):
     return q, scale
 
 
-def test_fp8_checkpoint_dequantises_within_rounding_error(tmp_path):
+def test_fp8_checkpoint_dequantises_within_rounding_error(random_model, tmp_path):
     # 160 and 200 are not multiples of 128: edge blocks are partial
     model = random_model(hidden_size=160, intermediate_size=200, moe_intermediate_size=136, kv_lora_rank=144)
     save_hf(model, tmp_path)
@@ -186,7 +165,7 @@ def rewrite(path, change):
     save_file(tensors, path / "model.safetensors")
 
 
-def test_errors_name_the_tensor(tmp_path):
+def test_errors_name_the_tensor(random_model, tmp_path):
     save_hf(random_model(), tmp_path)
     key = "model.layers.1.self_attn.kv_b_proj.weight"
     rewrite(tmp_path, lambda t: t.update({key: torch.zeros(32, 10)}))
@@ -208,7 +187,7 @@ def test_errors_name_the_tensor(tmp_path):
         load_hf(tmp_path)
 
 
-def test_shared_head_norm_is_the_mtp_final_norm(tmp_path):
+def test_shared_head_norm_is_the_mtp_final_norm(random_model, tmp_path):
     model = random_model()
     save_hf(model, tmp_path)
     key = "model.layers.2.shared_head.norm.weight"  # 2 main layers: the MTP layer is model.layers.2
@@ -230,7 +209,7 @@ def test_shared_head_norm_is_the_mtp_final_norm(tmp_path):
     torch.testing.assert_close(logits, manual)
 
 
-def test_mtp_layer_without_shared_head_norm_is_an_error(tmp_path):
+def test_mtp_layer_without_shared_head_norm_is_an_error(random_model, tmp_path):
     save_hf(random_model(), tmp_path)
     rewrite(tmp_path, lambda t: t.pop("model.layers.2.shared_head.norm.weight"))
     with pytest.raises(KeyError, match=r"model\.layers\.2\.shared_head\.norm\.weight.*own final norm"):
@@ -240,7 +219,7 @@ def test_mtp_layer_without_shared_head_norm_is_an_error(tmp_path):
         assert len(load_hf(tmp_path).mtp) == 0
 
 
-def test_v2_refuses_the_v3_router(tmp_path):
+def test_v2_refuses_the_v3_router(random_model, tmp_path):
     with pytest.raises(ConfigError, match="deepseek_v3"):
         save_hf(random_model(), tmp_path, model_type="deepseek_v2")
     model = random_model(topk_method="group_limited_greedy", scoring_func="softmax", norm_topk_prob=False)

@@ -9,10 +9,10 @@ forward, backward and weight-backward of each microbatch); the bubble of a rank 
 baseline is the whole stack in one process over the same microbatches (gradient
 accumulation): an ideal 2-rank pipeline takes half its time.
 
-Both processes run with torch.set_num_threads(1), so the two ranks do not compete for
-the two cores of a small machine.
+Every process (the baseline too) runs with torch.set_num_threads(1), so the two ranks
+do not compete for the two cores of a small machine.
 
-    python benchmarks/pipeline.py [--layers 8] [--microbatches 8] [--dim 512] [--rows 128] [--steps 5]
+    python benchmarks/pipeline.py [--layers 8] [--microbatches 8] [--dim 256] [--rows 64] [--steps 3]
 """
 
 from __future__ import annotations
@@ -30,8 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from train.pipeline import SCHEDULES
-from train.pipeline_stages import rank_stages, split_layers, stages_per_rank
+from train.pipeline_stages import SCHEDULES, rank_stages, split_layers, stages_per_rank
 
 RANKS = 2
 
@@ -122,11 +121,9 @@ def run_schedule(args, name: str, rank: int) -> dict:
             "bubble": 1 - statistics.median(b / w for b, w in zip(busy, walls))}
 
 
-def worker(rank: int, args, port: int, out: dict):
+def worker(rank: int, args, port: int, base: float, out: dict):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS)
-    base = baseline(args) if rank == 0 else 0.0  # rank 1 waits at the barrier meanwhile
-    dist.barrier()
     for name in args.schedules:
         mine = run_schedule(args, name, rank)
         both = [None] * RANKS
@@ -136,8 +133,6 @@ def worker(rank: int, args, port: int, out: dict):
                          "compute_ms": [round(b["compute_ms"], 1) for b in both],
                          "bubble": statistics.mean(b["bubble"] for b in both),
                          "speedup": base / (max(b["step_ms"] for b in both) / 1e3)}
-    if rank == 0:
-        out["baseline_ms"] = 1e3 * base
     dist.destroy_process_group()
 
 
@@ -145,20 +140,22 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--dim", type=int, default=512)
-    p.add_argument("--rows", type=int, default=128, help="rows (tokens) per microbatch")
-    p.add_argument("--steps", type=int, default=5, help="measured steps per schedule (after 2 warm-up steps)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--rows", type=int, default=64, help="rows (tokens) per microbatch")
+    p.add_argument("--steps", type=int, default=3, help="measured steps per schedule (after 2 warm-up steps)")
     p.add_argument("--schedules", nargs="+", default=list(SCHEDULES))
     args = p.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    base = baseline(args)  # before the ranks start, so nothing else competes for the cores
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(worker, args=(args, port, out), nprocs=RANKS, join=True)
+        mp.spawn(worker, args=(args, port, base, out), nprocs=RANKS, join=True)
         result = dict(out)
-    base = result.pop("baseline_ms")
+    base *= 1e3
     print(f"{args.layers} blocks (d={args.dim}), {args.microbatches} microbatches x {args.rows} rows, "
           f"{RANKS} ranks; one process: {base:.0f} ms/step (ideal pipeline {base / RANKS:.0f} ms)")
     print(f"{'schedule':<16}{'stages/rank':>12}{'step ms':>10}{'compute ms (r0, r1)':>22}{'bubble':>9}{'speedup':>9}")

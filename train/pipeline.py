@@ -32,14 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleDualPipeV,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-    ScheduleZBVZeroBubble,
-)
+from torch.distributed.pipelining import PipelineStage
 
 import lm
 from lm.config import ConfigError
@@ -51,15 +44,20 @@ from train import trainer as T
 from train.checkpoints import latest_checkpoint
 from train.config import TrainConfig
 from train.metrics_log import RunLog
-from train.pipeline_stages import MicrobatchLoss, RankParts, Stage, rank_stages, split_layers, stages_per_rank
-
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B,
-             "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
+from train.pipeline_stages import (
+    SCHEDULES,
+    MicrobatchLoss,
+    RankParts,
+    Stage,
+    rank_stages,
+    split_layers,
+    stages_per_rank,
+)
 
 
 @dataclass
 class Grid:
-    """This rank's place in the (pp, dp) mesh."""
+    """This rank's place in the (pp, dp) grid."""
 
     info: D.DistInfo
     pp_rank: int
@@ -134,10 +132,12 @@ class Pipeline:
         if ids.shape[0] % n:
             raise ValueError(f"a batch of {ids.shape[0]} does not split into pipeline.microbatches={n} "
                              f"equal microbatches; make optim.batch_size a multiple of {n}")
-        images = batch["images"].to(device)
-        if self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        args = list(zip(images.tensor_split(n), ids.tensor_split(n))) if self.first else [()] * n
+        args = [()] * n  # only the first stage takes root inputs
+        if self.first:
+            images = batch["images"].to(device)
+            if self.cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            args = list(zip(images.tensor_split(n), ids.tensor_split(n)))
         kwargs = [{"attention_mask": m} for m in mask.tensor_split(n)]
         targets = list(labels.tensor_split(n)) if self.last else None
         self.loss.start(labels, scale)
@@ -230,6 +230,9 @@ def check_supported(cfg: TrainConfig) -> None:
     if cfg.compile:
         raise ConfigError("compile=true is not supported with pipeline.stages > 1 (zbv and dualpipev split the "
                           "backward into input and weight parts, which torch.compile does not); set compile=false")
+    if cfg.optim.batch_size % cfg.pipeline.microbatches:
+        raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} does not split into pipeline.microbatches="
+                          f"{cfg.pipeline.microbatches} equal microbatches; use a multiple of {cfg.pipeline.microbatches}")
 
 
 def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None,

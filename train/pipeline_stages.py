@@ -25,14 +25,27 @@ BatchNorm (if the encoder has any) is the exception: it normalises over a microb
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.pipelining import (
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+    ScheduleZBVZeroBubble,
+)
 
 import lm
 from lm.model import positions_and_mask
-from mm.model import CaptionModel
 
+if TYPE_CHECKING:  # the model is only passed in; importing it would pull in timm
+    from mm.model import CaptionModel
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B,
+             "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
 TWO_STAGES_PER_RANK = ("interleaved1f1b", "zbv", "dualpipev")
 V_SHAPED = ("zbv", "dualpipev")
 

@@ -1,6 +1,7 @@
 """Pipeline parallelism: the stages reproduce the model's loss and gradients, a 2-rank
-pipeline (DualPipeV, 1F1B) and a 2x2 pipeline x data run take the same steps as the
-single-process trainer, and checkpoints move both ways between pipelined and plain runs."""
+pipeline (every schedule: GPipe, 1F1B, interleaved 1F1B, ZB-V, DualPipeV) and a 2x2
+pipeline x data run take the same steps as the single-process trainer, checkpoints move
+both ways between pipelined and plain runs, and `trainer.train` dispatches to the pipeline."""
 
 import json
 import os
@@ -21,7 +22,7 @@ from train import trainer as T
 from train.checkpoints import load_train_state
 from train.config import OptimConfig, ParallelConfig, TrainConfig
 from train.metrics_log import RunLog
-from train.pipeline_stages import MicrobatchLoss, RankParts, Stage, rank_stages, split_layers
+from train.pipeline_stages import SCHEDULES, MicrobatchLoss, RankParts, Stage, rank_stages, split_layers
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for conftest helpers
 from conftest import micro_config  # noqa: E402
@@ -85,6 +86,18 @@ def test_uneven_layer_split_names_the_numbers():
     with pytest.raises(ValueError, match="2 LM layers .* 4 pipeline stages"):
         split_layers(2, 2, "zbv")
     assert rank_stages("dualpipev", 0, 2) == [0, 3] and rank_stages("interleaved1f1b", 1, 2) == [1, 3]
+
+
+def test_unsupported_pipeline_settings_are_config_errors(tmp_path):
+    from lm.config import ConfigError
+    from train.pipeline import check_supported
+
+    cfg = tiny_cfg(tmp_path, stages=2, microbatches=4)
+    check_supported(cfg)
+    for change, message in [({"parallel": "fsdp"}, "parallel='fsdp'"), ({"compile": True}, "compile=true"),
+                            ({"optim": cfg.optim.replace(batch_size=6)}, "batch_size=6 does not split into pipeline.microbatches=4")]:
+        with pytest.raises(ConfigError, match=message):
+            check_supported(cfg.replace(**change))
 
 
 def test_stages_reproduce_the_model_loss_and_gradients(tmp_path, tok):
@@ -219,14 +232,14 @@ def assert_same_steps(got: list[dict], want: list[dict], same_loads: bool = True
             assert torch.equal(torch.as_tensor(g["load"]), w["load"]), step
 
 
-def test_two_rank_pipeline_matches_single_process_and_checkpoints_interchange(tmp_path, tok):
+def test_two_rank_pipelines_match_single_process_and_checkpoints_interchange(tmp_path, tok):
     cfg = tiny_cfg(tmp_path / "ref", stages=2, microbatches=4)
     n_image = CaptionModel(cfg.model, image_token_id=tok.image_id).num_image_tokens
     batches = make_batches(tok, 4, 8, n_image)
     want = reference_run(cfg, tok, batches, steps=4, save_at=2)
     assert want[-1]["loss_main"] < want[0]["loss_main"]
     ref_ckpt = tmp_path / "ref" / "checkpoints" / "step-00000002"
-    got = launch(tmp_path, tok, cfg, batches, 2, schedules=["dualpipev", "1f1b"], steps=3, save_at=2,
+    got = launch(tmp_path, tok, cfg, batches, 2, schedules=list(SCHEDULES), steps=3, save_at=2,
                  resume_from=str(ref_ckpt))
     for schedule, result in got.items():
         assert_same_steps(result["steps"], want[:3])
@@ -244,7 +257,6 @@ def test_two_rank_pipeline_matches_single_process_and_checkpoints_interchange(tm
         assert saved.keys() == plain.keys()
 
 
-@pytest.mark.slow  # 4 processes on a 2-core machine: about 1-2 minutes
 def test_pipeline_x_data_parallel_2x2_matches_gradient_accumulation(tmp_path, tok):
     cfg = tiny_cfg(tmp_path / "ref", stages=2, microbatches=4)
     n_image = CaptionModel(cfg.model, image_token_id=tok.image_id).num_image_tokens

@@ -56,7 +56,8 @@ class RunLog:
         ax.set_ylabel("loss")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
         fig.tight_layout()
         fig.savefig(png, dpi=100)
         plt.close(fig)

@@ -67,3 +67,13 @@ def trained_micro(synth_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("micro_run")
     path = train(micro_train_config(synth_shards, out))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_app_checkpoint(tmp_path_factory):
+    """A randomly initialised 2-layer captioner saved once, for the app's plumbing tests."""
+    import app
+
+    path = tmp_path_factory.mktemp("tiny_app") / "ckpt"
+    app.untrained_captioner(num_hidden_layers=2).save_pretrained(path)
+    return path

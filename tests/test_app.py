@@ -83,11 +83,9 @@ def files(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A random tiny checkpoint saved and loaded back, served on a free port: (captioner, client)."""
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    app.untrained_captioner(num_hidden_layers=2).save_pretrained(path)
-    cap = Captioner.from_pretrained(path, device="cpu")
+def tiny(tiny_app_checkpoint):
+    """A random tiny checkpoint loaded back and served on a free port: (captioner, client)."""
+    cap = Captioner.from_pretrained(tiny_app_checkpoint, device="cpu")
     demo, url = serve(cap, untrained=True)
     yield cap, Client(url, verbose=False), url
     demo.close()

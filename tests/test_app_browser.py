@@ -58,10 +58,8 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "ckpt"
-    app.untrained_captioner(num_hidden_layers=2).save_pretrained(path)
-    cap = Captioner.from_pretrained(path, device="cpu")
+def tiny(tiny_app_checkpoint):
+    cap = Captioner.from_pretrained(tiny_app_checkpoint, device="cpu")
     demo, url = serve(cap, untrained=True)
     yield cap, url
     demo.close()

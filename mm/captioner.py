@@ -88,7 +88,7 @@ class Captioner:
         if not images:
             raise ValueError("no images given: pass an image or a non-empty list of images")
         gen = self._gen_config(options)
-        self._prefix(task, 1)
+        self.model.cfg.prompt(task)  # an unknown task fails before any image is read
         texts, total = [], GenerationStats()
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]

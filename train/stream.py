@@ -87,7 +87,7 @@ class DataStream:
         except StopIteration:
             return None
         self.batch += 1
-        self._errors[self.epoch] = self.loader.errors.total if hasattr(self.loader.errors, "total") else 0
+        self._errors[self.epoch] = self.loader.errors.total
         self._summaries[self.epoch] = self.loader.errors.summary()
         return batch
 

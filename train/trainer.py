@@ -92,7 +92,7 @@ def param_groups(model: CaptionModel, cfg: TrainConfig) -> list[dict]:
         part = part if part in lrs else "lm"
         no_decay = p.ndim < 2 or "embed" in name or "norm" in name or name.endswith(".bias")
         key = (part, not no_decay)
-        groups.setdefault(key, {"params": [], "lr": lrs[part], "base_lr": lrs[part], "name": f"{part}",
+        groups.setdefault(key, {"params": [], "lr": lrs[part],
                                 "weight_decay": o.weight_decay if not no_decay else 0.0})
         groups[key]["params"].append(p)
     return list(groups.values())

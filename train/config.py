@@ -49,6 +49,21 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev")
 
 
 @dataclass
+class VisionWarmupConfig(ConfigBase):
+    """Supervised encoder warm-up on the synthetic scenes' attributes (train/vision_warmup.py)."""
+
+    steps: int = 0  # 0 = off; for the synthetic-scene recipe only
+    lr: float = 2e-3
+    batch_size: int = 128
+    weight_decay: float = 0.05
+
+    def __post_init__(self):
+        if self.steps < 0 or self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
+            raise ConfigError(f"vision_warmup: steps >= 0, lr > 0, batch_size >= 1 and weight_decay >= 0 "
+                              f"needed, got {self.to_dict()}")
+
+
+@dataclass
 class ParallelConfig(ConfigBase):
     """Pipeline parallelism (train/pipeline.py); under torchrun the data-parallel degree is
     world_size / stages. gpipe and 1f1b run one stage per rank; interleaved1f1b, zbv and
@@ -71,6 +86,7 @@ class TrainConfig(ConfigBase):
     model: MMConfig = field(default_factory=lambda: preset("tiny"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    vision_warmup: VisionWarmupConfig = field(default_factory=VisionWarmupConfig)
     precision: str = "bf16"  # fp32 | bf16 (autocast) | fp8 (fine-grained FP8 GEMMs + bf16 autocast)
     fp8_backend: str = "emulate"  # emulate (any device) | scaled_mm (GPUs with FP8)
     tokenizer: str = ""  # a tokenizer.json; empty = train a byte-level BPE on the training captions

@@ -247,6 +247,9 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
     say = (lambda m: T.tqdm.write(m)) if info.is_main else (lambda m: None)
     tokenizer = tokenizer or T.build_tokenizer(cfg, info, out_dir)
     model = model or T.build_model(cfg, tokenizer)
+    ckpt = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if ckpt is None and cfg.vision_warmup.steps > 0:
+        T.warm_up(model, cfg, info, say)
     # device, channels_last and FP8 as the trainer does; no DDP wrapping (single-process info)
     model = T.prepare(model, cfg, D.DistInfo(device=info.device), log=say)
     transform, n_image = T.image_transform(model), model.num_image_tokens
@@ -257,7 +260,6 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
         f"{cfg.pipeline.microbatches} microbatches; this rank runs stages {pipe.stage_ids}")
     opt, sched = T.build_optimizer(pipe.parts, cfg)
     state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
-    ckpt = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
     if ckpt is not None:
         state = C.load(pipe, ckpt, opt, sched)
         say(f"resumed from {ckpt} at step {state['step']}")

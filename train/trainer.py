@@ -197,10 +197,12 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     tokenizer = tokenizer or build_tokenizer(cfg, info, out_dir)
     model = model or build_model(cfg, tokenizer)
     raw = model
+    ckpt = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
+    if ckpt is None and cfg.vision_warmup.steps > 0:
+        warm_up(raw, cfg, info, say)
     model = prepare(model, cfg, info, log=say)
     opt, sched = build_optimizer(raw, cfg)
     state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
-    ckpt = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
     if ckpt is not None:
         state = load_train_state(ckpt, raw, opt, sched, info)
         say(f"resumed from {ckpt} at step {state['step']}")
@@ -251,6 +253,18 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
         say(f"exported {export_model(raw, tokenizer, export, cfg, state)}")
     D.barrier(info)
     return last
+
+
+def warm_up(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, say) -> dict[str, float]:
+    """The encoder's supervised warm-up; every rank runs it with the same seed, so weights stay equal."""
+    from train.vision_warmup import warm_up_vision
+
+    w = cfg.vision_warmup
+    raw.to(info.device)
+    return warm_up_vision(raw.vision, image_transform(raw), steps=w.steps, lr=w.lr, batch_size=w.batch_size,
+                          weight_decay=w.weight_decay, seed=cfg.seed, autocast_dtype=AUTOCAST[cfg.precision],
+                          channels_last=cfg.channels_last, device=info.device, show_progress=info.is_main,
+                          say=say)
 
 
 def save(raw, tokenizer, opt, sched, state, cfg, info, runlog) -> Path:

@@ -231,6 +231,7 @@ def update_router_bias(model: nn.Module, group=None, gamma: float | None = None)
     Sums the accumulated loads over ranks, moves each noaux_tc layer's bias by
     gamma * sign(mean - load) (gamma defaults to the config's bias_update_speed),
     resets the counters, and returns each layer's max/mean load before the update.
+    A layer whose router weight is frozen (requires_grad False) keeps its bias too.
     """
     layers = moe_layers(model)
     if not layers:
@@ -240,7 +241,7 @@ def update_router_bias(model: nn.Module, group=None, gamma: float | None = None)
         dist.all_reduce(loads, group=group)
     for m, load in zip(layers, loads):
         step = m.bias_update_speed if gamma is None else gamma
-        if m.gate.bias is not None and step > 0:
+        if m.gate.bias is not None and step > 0 and m.gate.weight.requires_grad:
             m.gate.bias += (step * torch.sign(load.mean() - load)).to(m.gate.bias.dtype)
         m.load.zero_()
     return _max_over_mean(loads)

@@ -3,9 +3,8 @@
 Plumbing (API shape, bad input, streaming, batch, load) runs on a randomly
 initialised tiny checkpoint launched once for the module; whatever text it
 produces, the app must return exactly what `Captioner` returns for the same
-image and options. The bundled default model is checked through the API for what
-it has learned (count, sizes, colours, places); the exact-text check is marked as an
-expected failure until it also tells shapes apart (MODEL_CARD.md).
+image and options. The bundled default model must give the exact caption of a
+scene through the API, in every task.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ from PIL import Image
 
 import app
 from mm.captioner import Captioner
-from train.scenes import Scene, SceneObject, parse_caption, render, sample_rng, sample_scene, texts
+from train.scenes import Scene, SceneObject, render, sample_rng, sample_scene, texts
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("caption", "describe", "caption_zh", "describe_zh")
@@ -284,29 +283,18 @@ def trained():
     demo.close()
 
 
-def without_shapes(parsed):
-    return [tuple(a for a in obj if a not in ("circle", "square", "triangle", "diamond")) for obj in parsed]
-
-
 def test_default_model_through_the_api_in_every_task(trained, tmp_path):
-    """The app returns the library's caption, and the bundled model gets the count, sizes,
-    colours and places of the scene right (it does not tell shapes apart yet: MODEL_CARD.md)."""
+    """The app returns the library's caption, and the bundled model's caption is exact."""
     client, cap = trained
-    scene = centre_scene()
-    path = tmp_path / "scene.png"
-    render(scene).save(path)
-    for task in TASKS:
-        got = client.predict(handle_file(str(path)), task=task, api_name="/caption")
-        assert got == cap.caption(str(path), task=task)
-        truth = parse_caption(texts(scene)[task], task)
-        assert without_shapes(parse_caption(got, task)) == without_shapes(truth), (task, got)
-
-
-@pytest.mark.xfail(strict=True, reason="the bundled model does not tell shapes apart yet (MODEL_CARD.md)")
-def test_default_model_caption_is_exact_in_every_task(trained, tmp_path):
-    client, _ = trained
-    scene = centre_scene()
-    path = tmp_path / "scene.png"
-    render(scene).save(path)
-    for task in TASKS:
-        assert client.predict(handle_file(str(path)), task=task, api_name="/caption") == texts(scene)[task]
+    three = Scene("black", [
+        SceneObject(cell=0, shape="triangle", colour="yellow", size="large", side=30, x=22, y=20),
+        SceneObject(cell=5, shape="diamond", colour="blue", size="small", side=14, x=105, y=62),
+        SceneObject(cell=7, shape="square", colour="purple", size="large", side=32, x=66, y=108),
+    ])
+    for i, scene in enumerate([centre_scene(), three]):
+        path = tmp_path / f"scene{i}.png"
+        render(scene).save(path)
+        for task in TASKS:
+            got = client.predict(handle_file(str(path)), task=task, api_name="/caption")
+            assert got == cap.caption(str(path), task=task)
+            assert got == texts(scene)[task], (task, got)

@@ -16,7 +16,7 @@ import pytest
 
 import app
 from mm.captioner import Captioner
-from train.scenes import Scene, SceneObject, parse_caption, render, texts
+from train.scenes import Scene, SceneObject, render, texts
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -111,6 +111,4 @@ def test_default_model_caption_in_the_browser(browser, scene_png):
     finally:
         demo.close()
     assert text == cap.caption(scene_png[0], task="caption")
-    # count, sizes and colours right (shapes are not learned yet: MODEL_CARD.md)
-    got = [obj[:2] for obj in parse_caption(text, "caption")]
-    assert got == [obj[:2] for obj in parse_caption(texts(scene_png[1])["caption"], "caption")], text
+    assert text == texts(scene_png[1])["caption"]

@@ -112,6 +112,9 @@ def run(args) -> int:
     try:
         model, tokenizer = from_source(args)
         cfg = load_train_config(args.config, overrides).replace(model=model.cfg)
+        if cfg.vision_warmup.steps:  # it is for encoders trained from scratch; it would overwrite these
+            print("mm finetune: vision_warmup is skipped when fine-tuning", file=sys.stderr)
+            cfg = cfg.replace(vision_warmup=cfg.vision_warmup.replace(steps=0))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mm finetune: {e}", file=sys.stderr)
         return 2

@@ -166,3 +166,22 @@ def test_bias_update_balances_a_skewed_router(moe_config):
     chosen = scores.gather(1, idx)
     assert moe.gate.bias.abs().max() > 0.1
     assert torch.allclose(weights, chosen / chosen.sum(-1, keepdim=True) * cfg.routed_scaling_factor)
+
+
+def test_a_frozen_router_keeps_its_bias(moe_config):
+    cfg = moe_config("noaux_tc", "sigmoid", True, num_nextn_predict_layers=0)
+    model = lm.Transformer(cfg).train()
+    moe = model.layers[1].ffn
+    with torch.no_grad():
+        moe.gate.weight[:2] += 1.0  # skewed: an unfrozen router's bias would move
+    model.requires_grad_(False)
+    with torch.no_grad():
+        moe(torch.randn(1, 256, 32))
+    lm.update_router_bias(model, gamma=0.01)
+    assert torch.equal(moe.gate.bias, torch.zeros_like(moe.gate.bias))
+    assert moe.load.sum() == 0  # the counters still reset
+    model.requires_grad_(True)
+    with torch.no_grad():
+        moe(torch.randn(1, 256, 32))
+    lm.update_router_bias(model, gamma=0.01)
+    assert moe.gate.bias.abs().max() == 0.01

@@ -14,7 +14,7 @@ from train.trainer import train
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "shapes-tiny.json"
 START_LOSS = 5.0  # a fresh model's main loss is about ln(vocab) ~ 6
-TARGET_LOSS = 1.5  # the full recipe passes 1.7 by step 75 and is near 0.35 by step 1800
+TARGET_LOSS = 1.5  # the full recipe (after its encoder warm-up) logs 1.71 at step 75, 0.18 at 600, 2e-4 at 2000
 
 
 @pytest.mark.slow

@@ -27,12 +27,14 @@ def main():
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--task", default="describe")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--draft-tokens", type=int, default=1, help="drafts per verification (chained MTP)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cap = Captioner.from_pretrained(args.checkpoint, device="cpu")
     images = [render(sample_scene(sample_rng("test", 321, i))) for i in range(args.n)]
-    cap.caption(images[0], task=args.task, speculative=True)  # warm-up
+    spec = {"speculative": True, "draft_tokens": args.draft_tokens}
+    cap.caption(images[0], task=args.task, **spec)  # warm-up
 
     ratios, plain_t, spec_t = [], [], []
     plain_stats, spec_stats = GenerationStats(), GenerationStats()
@@ -41,7 +43,7 @@ def main():
         t0 = time.perf_counter()
         a = cap.run(img, task=args.task, speculative=False)
         t1 = time.perf_counter()
-        b = cap.run(img, task=args.task, speculative=True)
+        b = cap.run(img, task=args.task, **spec)
         t2 = time.perf_counter()
         mismatches += a.texts != b.texts
         plain_t.append(t1 - t0)
@@ -57,6 +59,7 @@ def main():
         "median_ms_plain": round(1000 * statistics.median(plain_t), 2),
         "median_ms_speculative": round(1000 * statistics.median(spec_t), 2),
         "speedup_median": round(statistics.median(ratios), 3), "threads": torch.get_num_threads(),
+        "draft_tokens": args.draft_tokens,
     }
     print(f"{args.task}: acceptance {res['acceptance']:.3f}, tokens/forward {res['tokens_per_forward_plain']} -> "
           f"{res['tokens_per_forward_speculative']}, median {res['median_ms_plain']} ms -> "

@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding (no MTP drafts)")
+    p.add_argument("--draft-tokens", type=int, default=1,
+                   help="MTP drafts verified per forward (above 1 the MTP module is chained on itself)")
 
 
 def is_shard(spec: str) -> bool:
@@ -79,18 +81,20 @@ def items(inputs: list[str]) -> Iterator[tuple[dict, object]]:
 
 def run(args) -> int:
     from mm.captioner import Captioner
+    from mm.generate import GenerationConfig
     from vision.preprocess import ImageError, load_image
 
-    try:
-        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        batch_size=args.batch_size)
-        cap.model.cfg.prompt(args.task)  # an unknown task fails before any work
-    except ValueError as e:  # CheckpointError, ConfigError
-        print(f"mm caption: {e}", file=sys.stderr)
-        return 2
     options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, temperature=args.temperature,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                   speculative=not args.no_speculative)
+                   speculative=not args.no_speculative, draft_tokens=args.draft_tokens)
+    try:
+        GenerationConfig(**options).validate()  # bad options and an unknown task fail before any work
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                        batch_size=args.batch_size)
+        cap.model.cfg.prompt(args.task)
+    except ValueError as e:  # bad options, CheckpointError, ConfigError
+        print(f"mm caption: {e}", file=sys.stderr)
+        return 2
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
     failed = done = 0
     pending: list[tuple[dict, object]] = []

@@ -8,8 +8,11 @@ is needed; finished rows keep emitting `<eos>` until every row is done.
 Self-speculative decoding (greedy only) uses the MTP module as the drafter: the main
 model's last hidden state and the embedding of the token it just chose give a draft of
 the token after that; one main forward over [token, draft] both verifies the draft and
-yields the following token, so an accepted draft produces two tokens per forward. The
-output is token-for-token that of plain greedy decoding.
+yields the following token, so an accepted draft produces two tokens per forward. With
+`draft_tokens` N > 1 the MTP module is chained on itself (its output hidden state and the
+embedding of its last draft give the next draft; it was trained for one step ahead only,
+so later drafts are accepted less often), and one forward over [token, N drafts] verifies
+them all. The output is token-for-token that of plain greedy decoding either way.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # over the tokens generated so far (CTRL-style)
     length_penalty: float = 1.0  # beam search: score / length ** length_penalty
     speculative: bool = False  # MTP drafts; used when decoding is greedy and the model has MTP
+    draft_tokens: int = 1  # drafts per verification; beyond 1 the MTP module is chained on itself
     seed: int | None = None
 
     def validate(self):
@@ -52,6 +56,8 @@ class GenerationConfig:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 1 <= self.draft_tokens <= 8:
+            problems.append(f"draft_tokens must be in 1..8, got {self.draft_tokens}")
         if self.num_beams > 1 and self.temperature > 0:
             problems.append("beam search is deterministic: use temperature 0 with num_beams > 1")
         if problems:
@@ -194,35 +200,43 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
 
 def _speculative(model, images, prefix_ids, gen, eos_id, stats):
     stats.speculative = True
-    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + 2, stats)
+    k = gen.draft_tokens
+    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + k + 1, stats)
     t0 = time.perf_counter()
     tok = int(s.out.logits[0, -1].argmax())
     produced = 1
     yield [[tok]]
+    mtp_cache = s.cache.mtp_layer(1)
     # The MTP module over the whole prefix: position i sees h_i and the embedding of token i+1.
-    ahead = torch.cat([s.embeds[:, 1:], model.lm.embed(prefix_ids.new_tensor([[tok]]))], 1)
-    draft_logits, _ = model.lm.mtp_step(1, s.out.hidden, ahead, cache=s.cache)
+    new, hidden = [tok], s.out.hidden
+    ahead = torch.cat([s.embeds[:, 1:], model.lm.embed(prefix_ids.new_tensor([new]))], 1)
     while tok != eos_id and produced < gen.max_new_tokens:
-        draft = int(draft_logits[0, -1].argmax())
-        out = s.step(prefix_ids.new_tensor([[tok, draft]]))
-        stats.drafts += 1
+        committed = s.cache.length  # main-model positions holding accepted tokens; `tok` is next
+        mtp_cache.crop(committed - hidden.shape[1])  # drop the previous round's chained drafts
+        logits, h = model.lm.mtp_step(1, hidden, ahead, cache=s.cache)
+        drafts = [int(logits[0, -1].argmax())]
+        for _ in range(k - 1):  # chained drafts: the MTP module reads its own last hidden state
+            logits, h = model.lm.mtp_step(1, h[:, -1:], model.lm.embed(prefix_ids.new_tensor([drafts[-1:]])),
+                                          cache=s.cache)
+            drafts.append(int(logits[0, -1].argmax()))
+        out = s.step(prefix_ids.new_tensor([[tok] + drafts]))
         best = out.logits[0].argmax(-1).tolist()
-        if best[0] == draft:
-            stats.accepted += 1
-            new, hidden = [draft, best[1]], out.hidden
-        else:
-            s.cache.crop(s.cache.length - 1)
-            new, hidden = [best[0]], out.hidden[:, :1]
+        accepted = 0
+        while accepted < k and drafts[accepted] == best[accepted]:
+            accepted += 1
+        new = drafts[:accepted] + [best[accepted]]
+        s.cache.crop(committed + accepted + 1)  # the main model keeps tok and the accepted drafts
+        hidden = out.hidden[:, : accepted + 1]
         if eos_id in new:
             new = new[: new.index(eos_id) + 1]
         new = new[: gen.max_new_tokens - produced]
+        stats.drafts += k
+        stats.accepted += min(accepted, len(new) - 1)  # drafts past <eos> or the length limit do not count
         produced += len(new)
         tok = new[-1]
         yield [new]
-        if tok == eos_id or produced >= gen.max_new_tokens:
-            break
         ahead = model.lm.embed(prefix_ids.new_tensor([new]))
-        draft_logits, _ = model.lm.mtp_step(1, hidden[:, : len(new)], ahead, cache=s.cache)
+        hidden = hidden[:, : len(new)]
     stats.new_tokens += produced
     stats.decode_s = time.perf_counter() - t0
     s.finish()

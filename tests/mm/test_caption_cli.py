@@ -40,3 +40,9 @@ def test_unknown_task_fails_before_work(trained_micro, tmp_path, capsys):
     rc = main(["caption", str(tmp_path), "--checkpoint", str(trained_micro), "--task", "haiku"])
     assert rc == 2
     assert "unknown task 'haiku'" in capsys.readouterr().err
+
+
+def test_bad_decoding_options_fail_before_work(trained_micro, tmp_path, capsys):
+    rc = main(["caption", str(tmp_path), "--checkpoint", str(trained_micro), "--draft-tokens", "0"])
+    assert rc == 2
+    assert "draft_tokens must be in 1..8, got 0" in capsys.readouterr().err

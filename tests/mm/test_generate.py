@@ -47,12 +47,14 @@ def test_cached_greedy_equals_full_forward_greedy(loaded, task):
     assert got[0] == ref
 
 
+@pytest.mark.parametrize("draft_tokens", [1, 3])
 @pytest.mark.parametrize("task", ["caption", "describe", "describe_zh"])
-def test_speculative_equals_greedy(loaded, task):
+def test_speculative_equals_greedy(loaded, task, draft_tokens):
     model, tok, images = loaded
     p = prefix(model, tok, task, len(images))
     plain, s1 = generate(model, images, p, GenerationConfig(max_new_tokens=40), tok.eos_id)
-    spec, s2 = generate(model, images, p, GenerationConfig(max_new_tokens=40, speculative=True), tok.eos_id)
+    gen = GenerationConfig(max_new_tokens=40, speculative=True, draft_tokens=draft_tokens)
+    spec, s2 = generate(model, images, p, gen, tok.eos_id)
     assert spec == plain
     assert s2.speculative and not s1.speculative
     assert s2.drafts > 0 and 0.0 <= s2.acceptance <= 1.0
@@ -109,6 +111,7 @@ def test_repetition_penalty_changes_scores_not_shapes(loaded):
 @pytest.mark.parametrize("bad, word", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(top_p=0.0), "top_p"),
     (dict(num_beams=2, temperature=0.5), "beam"), (dict(temperature=-1), "temperature"),
+    (dict(draft_tokens=0), "draft_tokens"),
 ])
 def test_bad_options_are_named(bad, word):
     with pytest.raises(ValueError, match=word):
@@ -125,3 +128,21 @@ def test_expert_load_is_reported(loaded):
     fed = p.shape[1] + stats.forwards
     for layer in stats.expert_load:
         assert sum(layer) == model.cfg.lm.num_experts_per_tok * fed
+
+
+def test_chained_drafts_on_the_bundled_model_are_exact_and_mostly_accepted():
+    """On a trained model chained MTP drafts are accepted often, and the text is greedy's;
+    max_new_tokens cutting a round of accepted drafts short is exact too."""
+    from mm.captioner import Captioner
+
+    cap = Captioner.from_pretrained(None, device="cpu")
+    images = [render(sample_scene(sample_rng("test", 5, i))) for i in range(4)]
+    for task in ("describe", "describe_zh"):
+        plain = cap.run(images, task=task)
+        chained = cap.run(images, task=task, speculative=True, draft_tokens=3)
+        assert chained.texts == plain.texts
+        assert chained.stats.acceptance > 0.5 and chained.stats.tokens_per_forward > 2.0
+    for limit in (2, 3, 7):
+        short = cap.run(images[:1], task="describe", max_new_tokens=limit)
+        chained = cap.run(images[:1], task="describe", max_new_tokens=limit, speculative=True, draft_tokens=3)
+        assert chained.texts == short.texts and chained.stats.new_tokens == short.stats.new_tokens == limit

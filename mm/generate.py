@@ -231,7 +231,7 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
             new = new[: new.index(eos_id) + 1]
         new = new[: gen.max_new_tokens - produced]
         stats.drafts += k
-        stats.accepted += min(accepted, len(new) - 1)  # drafts past <eos> or the length limit do not count
+        stats.accepted += min(accepted, len(new))  # drafts past <eos> or the length limit do not count
         produced += len(new)
         tok = new[-1]
         yield [new]

@@ -256,7 +256,8 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
 
 
 def warm_up(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, say) -> dict[str, float]:
-    """The encoder's supervised warm-up; every rank runs it with the same seed, so weights stay equal."""
+    """The encoder's supervised warm-up, before any wrapping; every rank runs it with the same seed
+    (and DDP broadcasts rank 0's weights when it wraps the model)."""
     from train.vision_warmup import warm_up_vision
 
     w = cfg.vision_warmup

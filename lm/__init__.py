@@ -5,7 +5,17 @@ from lm.cache import KVCache, LayerCache
 from lm.config import ConfigError, LMConfig
 from lm.hf import load_hf, save_hf
 from lm.model import Block, LMOutput, Transformer
-from lm.moe import MLP, Gate, MoE, RoutedExperts, load_stats, moe_layers, route, update_router_bias
+from lm.moe import (
+    MLP,
+    Gate,
+    MoE,
+    RoutedExperts,
+    load_stats,
+    max_over_mean,
+    moe_layers,
+    route,
+    update_router_bias,
+)
 from lm.mtp import MTPModule, mtp_loss
 from lm.norm import RMSNorm
 from lm.rope import RotaryEmbedding, apply_rope, softmax_scale
@@ -13,5 +23,6 @@ from lm.rope import RotaryEmbedding, apply_rope, softmax_scale
 __all__ = [
     "MLA", "MLP", "Block", "ConfigError", "Gate", "KVCache", "LMConfig", "LMOutput", "LayerCache",
     "MTPModule", "MoE", "RMSNorm", "RotaryEmbedding", "RoutedExperts", "Transformer", "apply_rope",
-    "load_hf", "load_stats", "moe_layers", "mtp_loss", "route", "save_hf", "softmax_scale", "update_router_bias",
+    "load_hf", "load_stats", "max_over_mean", "moe_layers", "mtp_loss", "route", "save_hf", "softmax_scale",
+    "update_router_bias",
 ]

@@ -213,14 +213,15 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def _max_over_mean(loads: torch.Tensor) -> list[float]:
+def max_over_mean(loads: torch.Tensor) -> list[float]:
+    """Per row of loads [L, E]: max / mean (0 for a row with no load), the balance figure."""
     mean = loads.mean(-1)
     return torch.where(mean > 0, loads.amax(-1) / mean.clamp(min=1e-12), 0.0).tolist()
 
 
 def load_stats(model: nn.Module) -> list[dict]:
     """Per MoE layer: max/mean of the load counted since the last bias update, and the load."""
-    return [{"max_over_mean": _max_over_mean(m.load.float()[None])[0], "load": m.load.float().tolist()}
+    return [{"max_over_mean": max_over_mean(m.load.float()[None])[0], "load": m.load.float().tolist()}
             for m in moe_layers(model)]
 
 
@@ -244,4 +245,4 @@ def update_router_bias(model: nn.Module, group=None, gamma: float | None = None)
         if m.gate.bias is not None and step > 0 and m.gate.weight.requires_grad:
             m.gate.bias += (step * torch.sign(load.mean() - load)).to(m.gate.bias.dtype)
         m.load.zero_()
-    return _max_over_mean(loads)
+    return max_over_mean(loads)

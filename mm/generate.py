@@ -226,7 +226,6 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
             accepted += 1
         new = drafts[:accepted] + [best[accepted]]
         s.cache.crop(committed + accepted + 1)  # the main model keeps tok and the accepted drafts
-        hidden = out.hidden[:, : accepted + 1]
         if eos_id in new:
             new = new[: new.index(eos_id) + 1]
         new = new[: gen.max_new_tokens - produced]
@@ -236,7 +235,7 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
         tok = new[-1]
         yield [new]
         ahead = model.lm.embed(prefix_ids.new_tensor([new]))
-        hidden = hidden[:, : len(new)]
+        hidden = out.hidden[:, : len(new)]
     stats.new_tokens += produced
     stats.decode_s = time.perf_counter() - t0
     s.finish()

@@ -54,6 +54,9 @@ def read_samples(urls: str, limit: int = 0) -> list[dict]:
 def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, spec_samples: int = 100) -> dict:
     """Scores from batched greedy decoding; speculation (whose output is the same) runs one
     image at a time, so it is measured on the first `spec_samples` images of each task."""
+    import torch
+
+    import lm
     from mm.generate import GenerationStats
     from train.metrics import caption_scores, scene_attribute_accuracy
 
@@ -86,7 +89,7 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
         results[task] = scores
     if routing.expert_load:  # every token the model read or wrote, all tasks together
         results["expert_load"] = {
-            "max_over_mean": [max(layer) / (sum(layer) / len(layer)) for layer in routing.expert_load],
+            "max_over_mean": lm.max_over_mean(torch.tensor(routing.expert_load)),
             "load": routing.expert_load,
         }
     return results

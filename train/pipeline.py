@@ -247,9 +247,7 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
     say = (lambda m: T.tqdm.write(m)) if info.is_main else (lambda m: None)
     tokenizer = tokenizer or T.build_tokenizer(cfg, info, out_dir)
     model = model or T.build_model(cfg, tokenizer)
-    ckpt = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
-    if ckpt is None and cfg.vision_warmup.steps > 0:
-        T.warm_up(model, cfg, info, say)
+    ckpt = T.resume_point(model, cfg, info, resume, say)
     # device, channels_last and FP8 as the trainer does; no DDP wrapping (single-process info)
     model = T.prepare(model, cfg, D.DistInfo(device=info.device), log=say)
     transform, n_image = T.image_transform(model), model.num_image_tokens

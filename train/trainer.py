@@ -197,9 +197,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     tokenizer = tokenizer or build_tokenizer(cfg, info, out_dir)
     model = model or build_model(cfg, tokenizer)
     raw = model
-    ckpt = latest_checkpoint(out_dir) if resume == "auto" else (Path(resume) if resume else None)
-    if ckpt is None and cfg.vision_warmup.steps > 0:
-        warm_up(raw, cfg, info, say)
+    ckpt = resume_point(raw, cfg, info, resume, say)
     model = prepare(model, cfg, info, log=say)
     opt, sched = build_optimizer(raw, cfg)
     state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
@@ -255,6 +253,14 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     return last
 
 
+def resume_point(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, resume: str | None, say) -> Path | None:
+    """The checkpoint to resume from; None starts a fresh run, whose encoder gets the warm-up first."""
+    ckpt = latest_checkpoint(Path(cfg.out_dir)) if resume == "auto" else (Path(resume) if resume else None)
+    if ckpt is None and cfg.vision_warmup.steps > 0:
+        warm_up(raw, cfg, info, say)
+    return ckpt
+
+
 def warm_up(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, say) -> dict[str, float]:
     """The encoder's supervised warm-up, before any wrapping; every rank runs it with the same seed
     (and DDP broadcasts rank 0's weights when it wraps the model)."""
@@ -286,8 +292,7 @@ def _log_record(window, seconds, state, sched, stream, info) -> dict:
     rec["images_per_s"] = sum(w["images"] for w in window) * info.world_size / max(seconds, 1e-9)
     loads = [w["load"] for w in done if w.get("load") is not None]
     if loads:  # balance over the whole interval (several batches and tasks), per MoE layer
-        total = torch.stack(loads).sum(0)
-        rec["expert_load_max_over_mean"] = (total.amax(-1) / total.mean(-1).clamp(min=1e-9)).tolist()
+        rec["expert_load_max_over_mean"] = lm.max_over_mean(torch.stack(loads).sum(0))
         rec["expert_load_last_step"] = done[-1]["load_max_over_mean"]
     rec["skipped_steps"] = state["skipped"]
     rec["data_errors"] = stream.errors_seen()

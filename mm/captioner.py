@@ -41,6 +41,9 @@ def _dtype(dtype) -> torch.dtype | None:
 class Captioner:
     def __init__(self, model, tokenizer, device="cpu", batch_size: int = 16):
         self.model = model.eval()
+        # NHWC convolutions: a single image at 96 px otherwise takes PyTorch's slow
+        # NCHW path on the CPU (small inputs skip oneDNN); checkpoints save either layout.
+        self.model.vision.to_channels_last()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.batch_size = batch_size

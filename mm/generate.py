@@ -212,7 +212,7 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
     ahead = torch.cat([s.embeds[:, 1:], model.lm.embed(prefix_ids.new_tensor([new]))], 1)
     while tok != eos_id and produced < gen.max_new_tokens:
         committed = s.cache.length  # main-model positions holding accepted tokens; `tok` is next
-        mtp_cache.crop(committed - hidden.shape[1])  # drop the previous round's chained drafts
+        mtp_cache.crop(committed - hidden.shape[1])  # positions still to (re)compute from `hidden`
         logits, h = model.lm.mtp_step(1, hidden, ahead, cache=s.cache)
         drafts = [int(logits[0, -1].argmax())]
         for _ in range(k - 1):  # chained drafts: the MTP module reads its own last hidden state
@@ -234,8 +234,13 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
         produced += len(new)
         tok = new[-1]
         yield [new]
-        ahead = model.lm.embed(prefix_ids.new_tensor([new]))
-        hidden = out.hidden[:, : len(new)]
+        # The chain left MTP cache entries for positions committed .. committed + k - 2, built
+        # from drafts d1 .. d(k-1); those whose draft was accepted hold the right token and
+        # stay (their hidden input was the MTP's own, not the main model's: only the next
+        # drafts can differ, never the output). The rest are recomputed from the main model.
+        keep = min(accepted, k - 1, len(new) - 1)
+        ahead = model.lm.embed(prefix_ids.new_tensor([new[keep:]]))
+        hidden = out.hidden[:, keep: len(new)]
     stats.new_tokens += produced
     stats.decode_s = time.perf_counter() - t0
     s.finish()

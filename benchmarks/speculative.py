@@ -17,7 +17,7 @@ import time
 import torch
 
 from mm.captioner import Captioner
-from mm.generate import GenerationStats
+from mm.generate import GenerationConfig, GenerationStats
 from train.scenes import render, sample_rng, sample_scene
 
 
@@ -27,7 +27,8 @@ def main():
     ap.add_argument("--n", type=int, default=40)
     ap.add_argument("--task", default="describe")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--draft-tokens", type=int, default=1, help="drafts per verification (chained MTP)")
+    ap.add_argument("--draft-tokens", type=int, default=None,
+                    help="drafts per verification (chained MTP; default: the model's trained depth)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -59,7 +60,7 @@ def main():
         "median_ms_plain": round(1000 * statistics.median(plain_t), 2),
         "median_ms_speculative": round(1000 * statistics.median(spec_t), 2),
         "speedup_median": round(statistics.median(ratios), 3), "threads": torch.get_num_threads(),
-        "draft_tokens": args.draft_tokens,
+        "draft_tokens": GenerationConfig(draft_tokens=args.draft_tokens).drafts(cap.model),
     }
     print(f"{args.task}: acceptance {res['acceptance']:.3f}, tokens/forward {res['tokens_per_forward_plain']} -> "
           f"{res['tokens_per_forward_speculative']}, median {res['median_ms_plain']} ms -> "

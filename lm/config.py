@@ -153,6 +153,8 @@ class LMConfig(ConfigBase):
     # mtp
     num_nextn_predict_layers: int = 1
     mtp_lambda: float = 0.3  # MTP loss weight; the loss is main + lambda/D * sum(depth losses)
+    mtp_depths: int = 0  # depths D in the MTP loss; 0 = one per module; more reuse the last module
+    #                      on its own output, as chained speculative drafts do (Transformer.mtp_logits)
 
     def __post_init__(self):
         if self.q_lora_rank is None:
@@ -169,6 +171,9 @@ class LMConfig(ConfigBase):
             (self.topk_method in ("noaux_tc", "greedy", "group_limited_greedy"),
              "topk_method must be noaux_tc, greedy or group_limited_greedy"),
             (self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even"),
+            (self.mtp_depths == 0 or (self.num_nextn_predict_layers > 0
+                                      and self.mtp_depths >= self.num_nextn_predict_layers),
+             "mtp_depths must be 0 or at least num_nextn_predict_layers (>= 1)"),
         ]
         for ok, msg in checks:
             if not ok:

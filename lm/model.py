@@ -145,15 +145,17 @@ class Transformer(nn.Module):
     def mtp_logits(self, hidden: torch.Tensor, inputs_embeds: torch.Tensor,
                    attention_mask=None) -> list[torch.Tensor]:
         """Training-time MTP over a full sequence: depth k -> [B, T-k, V]; entry i is computed
-        from h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1}. The MTP blocks' balance loss
+        from h^{k-1}_i and Emb(t_{i+k}) and predicts t_{i+k+1}. Depths run to cfg.mtp_depths
+        (default: one per module); depths past the last module apply that module again to its
+        own output, the chain speculative decoding drafts with. The MTP blocks' balance loss
         is not returned (their routers are balanced by the bias update)."""
-        t = hidden.shape[1]
+        t, n_modules = hidden.shape[1], len(self.mtp)
         out, h = [], hidden
-        for k in range(1, len(self.mtp) + 1):
+        for k in range(1, (self.cfg.mtp_depths or n_modules) + 1):
             n = max(t - k, 0)
             am = None
             if attention_mask is not None:  # position i is real only if tokens i and i+k are
                 am = attention_mask[:, :n].bool() & attention_mask[:, k:k + n].bool()
-            logits, h = self.mtp_step(k, h[:, :n], inputs_embeds[:, k:k + n], am)
+            logits, h = self.mtp_step(min(k, n_modules), h[:, :n], inputs_embeds[:, k:k + n], am)
             out.append(logits)
         return out

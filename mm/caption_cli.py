@@ -36,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding (no MTP drafts)")
-    p.add_argument("--draft-tokens", type=int, default=1,
-                   help="MTP drafts verified per forward (above 1 the MTP module is chained on itself)")
+    p.add_argument("--draft-tokens", type=int, default=None,
+                   help="MTP drafts verified per forward (above 1 the MTP module is chained on itself; "
+                        "default: the chain depth the model's MTP was trained to, else 1)")
 
 
 def is_shard(spec: str) -> bool:

@@ -10,9 +10,10 @@ model's last hidden state and the embedding of the token it just chose give a dr
 the token after that; one main forward over [token, draft] both verifies the draft and
 yields the following token, so an accepted draft produces two tokens per forward. With
 `draft_tokens` N > 1 the MTP module is chained on itself (its output hidden state and the
-embedding of its last draft give the next draft; it was trained for one step ahead only,
-so later drafts are accepted less often), and one forward over [token, N drafts] verifies
-them all. The output is token-for-token that of plain greedy decoding either way.
+embedding of its last draft give the next draft), and one forward over [token, N drafts]
+verifies them all. A module trained one step ahead only drafts the later tokens less
+well; one trained on the chain (the LM's `mtp_depths`, see `mm finetune --stage mtp`)
+sets the default N. The output is token-for-token that of plain greedy decoding either way.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class GenerationConfig:
     repetition_penalty: float = 1.0  # over the tokens generated so far (CTRL-style)
     length_penalty: float = 1.0  # beam search: score / length ** length_penalty
     speculative: bool = False  # MTP drafts; used when decoding is greedy and the model has MTP
-    draft_tokens: int = 1  # drafts per verification; beyond 1 the MTP module is chained on itself
+    draft_tokens: int | None = None  # drafts per verification, chaining the MTP module beyond 1;
+    #                                  None: the model's trained chain (lm mtp_depths), else 1
     seed: int | None = None
 
     def validate(self):
@@ -56,13 +58,17 @@ class GenerationConfig:
             problems.append(f"top_k must be >= 0, got {self.top_k}")
         if self.repetition_penalty <= 0:
             problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if not 1 <= self.draft_tokens <= 8:
+        if self.draft_tokens is not None and not 1 <= self.draft_tokens <= 8:
             problems.append(f"draft_tokens must be in 1..8, got {self.draft_tokens}")
         if self.num_beams > 1 and self.temperature > 0:
             problems.append("beam search is deterministic: use temperature 0 with num_beams > 1")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def drafts(self, model) -> int:
+        """Draft tokens per verification: the option, else the depth the MTP was trained to."""
+        return self.draft_tokens or max(model.cfg.lm.mtp_depths, 1)
 
     def uses_speculation(self, model) -> bool:
         return (self.speculative and self.num_beams == 1 and self.temperature == 0
@@ -200,7 +206,7 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
 
 def _speculative(model, images, prefix_ids, gen, eos_id, stats):
     stats.speculative = True
-    k = gen.draft_tokens
+    k = gen.drafts(model)
     s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + k + 1, stats)
     t0 = time.perf_counter()
     tok = int(s.out.logits[0, -1].argmax())

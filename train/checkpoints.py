@@ -127,8 +127,12 @@ def git_commit() -> str:
 
 
 def export_model(raw, tokenizer, path, cfg, state) -> Path:
-    """A bf16 Captioner directory (no train_state) that records the recipe and the commit."""
+    """A bf16 Captioner directory (no train_state) that records the recipe and the commit;
+    those of the run it was fine-tuned from, if any, move to meta["previous"]."""
     meta = dict(raw.cfg.meta)
+    if "recipe" in meta:
+        earlier = {k: meta.pop(k) for k in ("recipe", "commit", "steps") if k in meta}
+        meta["previous"] = [*meta.get("previous", []), earlier]
     recipe = cfg.to_dict()
     recipe.pop("model")  # the model config is the checkpoint's config.json itself
     meta.update({"recipe": recipe, "commit": git_commit(), "steps": state["step"]})

@@ -57,7 +57,7 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
     import torch
 
     import lm
-    from mm.generate import GenerationStats
+    from mm.generate import GenerationConfig, GenerationStats
     from train.metrics import caption_scores, scene_attribute_accuracy
 
     results, routing = {}, GenerationStats()
@@ -81,6 +81,7 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
         scores["n"] = len(rows)
         if stats is not None:
             scores["mtp_acceptance"] = stats.acceptance
+            scores["draft_tokens"] = GenerationConfig().drafts(cap.model)
             scores["tokens_per_forward"] = stats.tokens_per_forward
             scores["speculative_matches_greedy"] = agree / min(spec_samples, len(rows))
         scores["seconds"] = round(time.perf_counter() - t0, 2)

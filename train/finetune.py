@@ -3,6 +3,10 @@ timm encoder and a DeepSeek-format language model, and train it in LLaVA-style s
 
     --stage projector   only the projector trains (encoder and LM frozen): the alignment stage
     --stage full        everything trains, except what --freeze / --unfreeze-last hold back
+    --stage mtp         only the MTP modules train; the rest stays bit-identical, so greedy
+                        captions do not change. With --mtp-depths N > 1 the MTP module learns
+                        to draft N tokens ahead by chaining, and speculative decoding then
+                        drafts N tokens per verification by default.
 
 The trainable parameter count of each part is printed before training starts.
 """
@@ -25,7 +29,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--data", required=True, help="training shard URLs")
     p.add_argument("--val", default="", help="validation shard URLs")
     p.add_argument("--config", default=None, help="a training config (JSON) for optimiser, precision, ...")
-    p.add_argument("--stage", choices=["projector", "full"], default="full")
+    p.add_argument("--stage", choices=["projector", "full", "mtp"], default="full")
+    p.add_argument("--mtp-depths", type=int, default=0,
+                   help="MTP depths in the loss (the model's mtp_depths); 0 keeps the source's")
     p.add_argument("--freeze", action="append", default=[], choices=["vision", "lm"],
                    help="keep a part frozen in the full stage (repeatable)")
     p.add_argument("--unfreeze-last", type=int, default=0,
@@ -34,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--vision-file", default="", help="local weights for the timm encoder")
     p.add_argument("--image-size", type=int, default=0, help="encoder input size (default: the model's)")
     p.add_argument("--out", default="runs/finetune")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="after training, write a bf16 Captioner directory here")
     p.add_argument("--resume", default=None, metavar="auto|DIR")
     p.epilog = "Any training config key can be overridden: --optim.lr=1e-4 --optim.max_steps=2000"
 
@@ -87,12 +95,20 @@ def _is_captioner(path: Path) -> bool:
     return "vision" in json.loads((path / "config.json").read_text(encoding="utf-8"))
 
 
+def set_mtp_depths(model, depths: int):
+    """A new model config with lm.mtp_depths = depths, given to the model and its LM."""
+    if not model.cfg.lm.num_nextn_predict_layers:
+        raise ValueError("--mtp-depths: the model has no MTP module (num_nextn_predict_layers is 0)")
+    lm_cfg = model.cfg.lm.replace(mtp_depths=depths)  # validates
+    model.cfg = model.cfg.replace(lm=lm_cfg)
+    model.lm.cfg = lm_cfg
+
+
 def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int):
-    if stage == "projector":
-        model.vision.requires_grad_(False)
-        model.lm.requires_grad_(False)
-        model.projector.requires_grad_(True)
-        model.vision.freeze(0)
+    if stage in ("projector", "mtp"):
+        model.requires_grad_(False)
+        (model.projector if stage == "projector" else model.lm.mtp).requires_grad_(True)
+        model.vision.freeze(0)  # also holds its normalisation statistics
         return
     model.requires_grad_(True)
     if "vision" in freeze:
@@ -111,6 +127,8 @@ def run(args) -> int:
         overrides.append(f"--data.val={args.val}")
     try:
         model, tokenizer = from_source(args)
+        if args.mtp_depths:
+            set_mtp_depths(model, args.mtp_depths)
         cfg = load_train_config(args.config, overrides).replace(model=model.cfg)
         if cfg.vision_warmup.steps:  # it is for encoders trained from scratch; it would overwrite these
             print("mm finetune: vision_warmup is skipped when fine-tuning", file=sys.stderr)
@@ -120,7 +138,7 @@ def run(args) -> int:
         return 2
     set_stage(model, args.stage, args.freeze, args.unfreeze_last)
     try:
-        path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer)
+        path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export)
     except TrainingStopped as e:
         print(f"mm finetune: {e}", file=sys.stderr)
         return 1

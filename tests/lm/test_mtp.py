@@ -32,6 +32,28 @@ def test_shapes_and_causal_dependencies(make_model):
         assert (a[:, first] - b[:, first]).abs().max() > 1e-4
 
 
+def test_chained_depths_reuse_the_last_module_on_its_own_output(make_model):
+    """mtp_depths 3 with one module: depth k applies module 1 to depth k-1's output and
+    Emb(t_{i+k}), the chain speculative decoding drafts with."""
+    model = make_model(depth=1, mtp_depths=3)
+    ids = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        out = model(ids, return_hidden=True)
+        emb = model.embed(ids)
+        got = model.mtp_logits(out.hidden, emb)
+        assert [tuple(x.shape) for x in got] == [(2, 9, 64), (2, 8, 64), (2, 7, 64)]
+        h = out.hidden
+        for k, logits in enumerate(got, start=1):
+            n = 10 - k
+            cos, sin = model.rope((torch.arange(n))[None].expand(2, n))
+            h, _ = model.mtp[0](h[:, :n], emb[:, k:k + n], cos, sin)
+            assert (logits - model.head(model.mtp[0].norm(h))).abs().max() < 1e-5
+    with pytest.raises(lm.ConfigError, match="mtp_depths"):
+        make_model(depth=0, mtp_depths=2)
+    with pytest.raises(lm.ConfigError, match="mtp_depths"):
+        make_model(depth=2, mtp_depths=1)
+
+
 def test_mtp_loss_targets():
     """Logits that put all mass on t_{i+k+1} give ~0 loss; one position off gives a large loss."""
     b, t, v, depth = 2, 9, 11, 2

@@ -3,6 +3,7 @@ encoder becomes a captioner; frozen parts stay bit-identical; the encoder warm-u
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -63,3 +64,42 @@ def test_a_source_that_is_neither_kind_is_named(tmp_path, synth_shards, capsys):
     rc = main(["finetune", "--from", str(tmp_path)] + short_run(synth_shards, tmp_path / "run"))
     assert rc == 2
     assert "neither a Captioner checkpoint nor an HF model directory" in capsys.readouterr().err
+
+
+def test_mtp_stage_trains_the_chain_and_leaves_the_captions(trained_micro, synth_shards, tmp_path):
+    """--stage mtp --mtp-depths 3: only MTP weights move (encoder statistics included), the
+    config records the depth, greedy output is unchanged and speculation drafts 3 by default."""
+    from mm.captioner import Captioner
+    from train.scenes import render, sample_rng, sample_scene
+
+    rc = main(["finetune", "--from", str(trained_micro), "--stage", "mtp", "--mtp-depths", "3"]
+              + short_run(synth_shards, tmp_path / "run"))
+    assert rc == 0
+    before, after = load_file(str(trained_micro / "model.safetensors")), final_weights(tmp_path / "run")
+    assert any(changed(before, after, "lm.mtp."))
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert all(k.startswith("lm.mtp.") for k in moved), moved
+    ckpt = sorted((tmp_path / "run" / "checkpoints").iterdir())[-1]
+    old, new = Captioner.from_pretrained(trained_micro), Captioner.from_pretrained(ckpt)
+    assert new.model.cfg.lm.mtp_depths == 3 and old.model.cfg.lm.mtp_depths == 0
+    images = [render(sample_scene(sample_rng("test", 5, i))) for i in range(3)]
+    assert new.caption(images, task="describe") == old.caption(images, task="describe")
+    by_default = new.run(images[0], task="describe", speculative=True)
+    explicit = new.run(images[0], task="describe", speculative=True, draft_tokens=3)
+    assert by_default.texts == explicit.texts == new.caption(images[:1], task="describe")
+    assert (by_default.stats.drafts, by_default.stats.accepted) == (explicit.stats.drafts, explicit.stats.accepted)
+    assert by_default.stats.drafts % 3 == 0 and by_default.stats.drafts > 0
+
+
+def test_mtp_depths_needs_an_mtp_module():
+    from mm.config import preset
+    from mm.model import CaptionModel
+    from train.finetune import set_mtp_depths
+
+    cfg = preset("tiny")
+    model = CaptionModel(cfg.replace(lm=cfg.lm.replace(num_nextn_predict_layers=0)), image_token_id=3)
+    with pytest.raises(ValueError, match="the model has no MTP module"):
+        set_mtp_depths(model, 2)
+    model = CaptionModel(cfg, image_token_id=3)
+    set_mtp_depths(model, 4)
+    assert model.cfg.lm.mtp_depths == model.lm.cfg.mtp_depths == 4 and cfg.lm.mtp_depths == 0

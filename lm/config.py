@@ -180,6 +180,11 @@ class LMConfig(ConfigBase):
                 raise ConfigError(f"LMConfig: {msg}")
 
     @property
+    def mtp_loss_depths(self) -> int:
+        """MTP depths the training loss covers (see mtp_depths)."""
+        return self.mtp_depths or self.num_nextn_predict_layers
+
+    @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 

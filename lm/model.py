@@ -151,7 +151,7 @@ class Transformer(nn.Module):
         is not returned (their routers are balanced by the bias update)."""
         t, n_modules = hidden.shape[1], len(self.mtp)
         out, h = [], hidden
-        for k in range(1, (self.cfg.mtp_depths or n_modules) + 1):
+        for k in range(1, self.cfg.mtp_loss_depths + 1):
             n = max(t - k, 0)
             am = None
             if attention_mask is not None:  # position i is real only if tokens i and i+k are

@@ -85,7 +85,7 @@ class Stage(nn.Module):
     """One pipeline stage of a CaptionModel. Inputs: (images, input_ids) on stage 0, else
     (h, [embeds], aux); outputs (h, [embeds], aux), on the last stage (logits, *mtp_logits, aux)."""
 
-    # Training-time MTP is Transformer.mtp_logits; it reads only .mtp, .rope and .head,
+    # Training-time MTP is Transformer.mtp_logits; it reads only .cfg, .mtp, .rope and .head,
     # which the last stage holds, so the methods are borrowed rather than rewritten.
     mtp_logits = lm.Transformer.mtp_logits
     mtp_step = lm.Transformer.mtp_step
@@ -94,6 +94,7 @@ class Stage(nn.Module):
                  autocast: torch.dtype | None = None):
         super().__init__()
         self.first, self.last, self.autocast = first, last, autocast
+        self.cfg = model.cfg.lm
         self.carry = carries_embeds(model.cfg.lm)
         self.layers = nn.ModuleList(model.lm.layers[i] for i in layers)
         self.rope = model.lm.rope
@@ -160,7 +161,7 @@ class MicrobatchLoss:
     """
 
     def __init__(self, cfg: lm.LMConfig):
-        self.depth = cfg.num_nextn_predict_layers if carries_embeds(cfg) else 0
+        self.depth = cfg.mtp_loss_depths if carries_embeds(cfg) else 0
         self.mtp_lambda = cfg.mtp_lambda
         self.records: list[torch.Tensor] = []
         self.scale = 1.0

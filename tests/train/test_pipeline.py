@@ -100,8 +100,10 @@ def test_unsupported_pipeline_settings_are_config_errors(tmp_path):
             check_supported(cfg.replace(**change))
 
 
-def test_stages_reproduce_the_model_loss_and_gradients(tmp_path, tok):
+@pytest.mark.parametrize("mtp_depths", [0, 2])  # 2: the MTP module chained on its own output
+def test_stages_reproduce_the_model_loss_and_gradients(tmp_path, tok, mtp_depths):
     cfg = tiny_cfg(tmp_path)
+    cfg = cfg.replace(model=cfg.model.replace(lm=cfg.model.lm.replace(mtp_depths=mtp_depths)))
     model = CaptionModel(cfg.model, image_token_id=tok.image_id)
     batch = make_batches(tok, 1, 4, model.num_image_tokens)[0]
     ref = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])

@@ -105,6 +105,9 @@ def set_mtp_depths(model, depths: int):
 
 
 def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int):
+    if stage == "mtp" and not (len(model.lm.mtp) and model.cfg.lm.mtp_lambda > 0):
+        raise ValueError("--stage mtp: the model has no MTP module to train (num_nextn_predict_layers "
+                         f"{model.cfg.lm.num_nextn_predict_layers}, mtp_lambda {model.cfg.lm.mtp_lambda})")
     if stage in ("projector", "mtp"):
         model.requires_grad_(False)
         (model.projector if stage == "projector" else model.lm.mtp).requires_grad_(True)
@@ -133,10 +136,10 @@ def run(args) -> int:
         if cfg.vision_warmup.steps:  # it is for encoders trained from scratch; it would overwrite these
             print("mm finetune: vision_warmup is skipped when fine-tuning", file=sys.stderr)
             cfg = cfg.replace(vision_warmup=cfg.vision_warmup.replace(steps=0))
+        set_stage(model, args.stage, args.freeze, args.unfreeze_last)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mm finetune: {e}", file=sys.stderr)
         return 2
-    set_stage(model, args.stage, args.freeze, args.unfreeze_last)
     try:
         path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export)
     except TrainingStopped as e:

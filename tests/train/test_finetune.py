@@ -91,15 +91,17 @@ def test_mtp_stage_trains_the_chain_and_leaves_the_captions(trained_micro, synth
     assert by_default.stats.drafts % 3 == 0 and by_default.stats.drafts > 0
 
 
-def test_mtp_depths_needs_an_mtp_module():
+def test_mtp_depths_and_the_mtp_stage_need_an_mtp_module():
     from mm.config import preset
     from mm.model import CaptionModel
-    from train.finetune import set_mtp_depths
+    from train.finetune import set_mtp_depths, set_stage
 
     cfg = preset("tiny")
     model = CaptionModel(cfg.replace(lm=cfg.lm.replace(num_nextn_predict_layers=0)), image_token_id=3)
     with pytest.raises(ValueError, match="the model has no MTP module"):
         set_mtp_depths(model, 2)
+    with pytest.raises(ValueError, match="--stage mtp: the model has no MTP module to train"):
+        set_stage(model, "mtp", [], 0)
     model = CaptionModel(cfg, image_token_id=3)
     set_mtp_depths(model, 4)
     assert model.cfg.lm.mtp_depths == model.lm.cfg.mtp_depths == 4 and cfg.lm.mtp_depths == 0

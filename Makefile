@@ -42,8 +42,7 @@ default-model: $(STAMP)
 	$(BIN)/mm train configs/shapes-tiny.json --out runs/shapes-tiny --export mm/default_model
 	rm -rf runs/shapes-tiny-mtp
 	$(BIN)/mm finetune --from mm/default_model --config configs/shapes-tiny-mtp.json --stage mtp --mtp-depths 4 \
-	  --data '$(SHAPES)/train-{000000..000199}.tar' --val '$(SHAPES)/val-{000000..000001}.tar' \
-	  --out runs/shapes-tiny-mtp --export mm/default_model
+	  --data '$(SHAPES)/train-{000000..000199}.tar' --out runs/shapes-tiny-mtp --export mm/default_model
 	cp runs/shapes-tiny/loss.png mm/default_model/loss.png
 	$(BIN)/mm eval --checkpoint mm/default_model --data '$(SHAPES)/test-000000.tar' --out mm/default_model/eval.json
 

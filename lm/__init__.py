@@ -3,6 +3,7 @@
 from lm.attention import MLA
 from lm.cache import KVCache, LayerCache
 from lm.config import ConfigError, LMConfig
+from lm.decode import DecodeOutput, Decoder
 from lm.hf import load_hf, save_hf
 from lm.model import Block, LMOutput, Transformer
 from lm.moe import (
@@ -21,7 +22,7 @@ from lm.norm import RMSNorm
 from lm.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 __all__ = [
-    "MLA", "MLP", "Block", "ConfigError", "Gate", "KVCache", "LMConfig", "LMOutput", "LayerCache",
+    "MLA", "MLP", "Block", "ConfigError", "DecodeOutput", "Decoder", "Gate", "KVCache", "LMConfig", "LMOutput", "LayerCache",
     "MTPModule", "MoE", "RMSNorm", "RotaryEmbedding", "RoutedExperts", "Transformer", "apply_rope",
     "load_hf", "load_stats", "max_over_mean", "moe_layers", "mtp_loss", "route", "save_hf", "softmax_scale",
     "update_router_bias",

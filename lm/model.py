@@ -33,6 +33,7 @@ class LMOutput:
     logits: torch.Tensor  # [B, T, V]
     hidden: torch.Tensor  # [B, T, D], last layer output before the final norm
     aux_loss: torch.Tensor  # scalar: sequence-wise balance loss summed over MoE layers
+    expert_counts: torch.Tensor | None = None  # [MoE layers, B, E]: real tokens of each row per expert
 
 
 class Block(nn.Module):
@@ -47,10 +48,10 @@ class Block(nn.Module):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoE):
-            y, aux = self.ffn(h, valid)
+            y, aux, counts = self.ffn(h, valid)
         else:
-            y, aux = self.ffn(h), x.new_zeros((), dtype=torch.float32)
-        return x + y, aux
+            y, aux, counts = self.ffn(h), x.new_zeros((), dtype=torch.float32), None
+        return x + y, aux, counts
 
 
 def positions_and_mask(attention_mask: torch.Tensor | None, start: int, batch: int, t: int,
@@ -113,12 +114,16 @@ class Transformer(nn.Module):
         start = cache.length if cache is not None else 0
         positions, mask, valid = positions_and_mask(attention_mask, start, b, t, h.device)
         cos, sin = self.rope(positions)
-        aux = h.new_zeros((), dtype=torch.float32)
+        aux, counts = h.new_zeros((), dtype=torch.float32), []
         for i, layer in enumerate(self.layers):
-            h, a = layer(h, cos, sin, mask, cache.layer(i) if cache is not None else None, valid)
+            h, a, n = layer(h, cos, sin, mask, cache.layer(i) if cache is not None else None, valid)
             aux = aux + a
+            if n is not None:
+                counts.append(n)
         logits = self.head(self.norm(h))
-        return LMOutput(logits, h, aux) if return_hidden else logits
+        if not return_hidden:
+            return logits
+        return LMOutput(logits, h, aux, torch.stack(counts) if counts else None)
 
     def new_cache(self, batch_size: int, max_len: int, device=None, dtype=None) -> KVCache:
         p = self.embed.weight
@@ -139,7 +144,7 @@ class Transformer(nn.Module):
         start = layer_cache.length if layer_cache is not None else 0
         positions, mask, valid = positions_and_mask(attention_mask, start, b, n, hidden_prev.device)
         cos, sin = self.rope(positions)
-        h, _ = self.mtp[k - 1](hidden_prev, embeds_ahead, cos, sin, mask, layer_cache, valid)
+        h, _, _ = self.mtp[k - 1](hidden_prev, embeds_ahead, cos, sin, mask, layer_cache, valid)
         return self.head(self.mtp[k - 1].norm(h)), h
 
     def mtp_logits(self, hidden: torch.Tensor, inputs_embeds: torch.Tensor,

@@ -169,22 +169,23 @@ class MoE(nn.Module):
         self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
         self.shared_experts = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
                                if cfg.n_shared_experts > 0 else None)
+        # the balancing accumulator: summed over training forwards, read and reset by update_router_bias
         self.register_buffer("load", torch.zeros(cfg.n_routed_experts), persistent=False)
-        self.register_buffer("last_load", torch.zeros(cfg.n_routed_experts), persistent=False)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None):
-        """x [B, T, D]; valid [B, T] bool or None. Returns (y [B, T, D], aux loss scalar)."""
+        """x [B, T, D]; valid [B, T] bool or None. Returns (y [B, T, D], aux loss scalar, counts [B, E]):
+        counts are this forward's real tokens per row and expert, so concurrent callers never mix figures."""
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
-        y, counts = self.dispatch(flat, weights, idx)
-        self._count(idx, counts, valid)
+        y, _ = self.dispatch(flat, weights, idx)
+        counts = self._count(idx, b, valid)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         aux = x.new_zeros((), dtype=torch.float32)
         if self.aux_loss_alpha > 0:
             aux = self.aux_loss_alpha * sequence_balance_loss(scores, idx, b, valid)
-        return y.view(b, t, d), aux
+        return y.view(b, t, d), aux, counts
 
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor):
         """x [N, D] -> (sum_k weights[:, k] * expert_{idx[:, k]}(x) [N, D], tokens per expert [E])."""
@@ -198,15 +199,18 @@ class MoE(nn.Module):
         return x.new_zeros(x.shape).index_add(0, token, y), counts
 
     @torch.no_grad()
-    def _count(self, idx: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor | None) -> None:
-        if valid is not None:
-            w = valid.reshape(-1, 1).expand_as(idx).flatten().float()
-            counts = idx.flatten().bincount(weights=w, minlength=self.n_experts)
-        if self.load.dtype != torch.float32:  # a model cast to bf16: bf16 cannot count past 256
-            self.load, self.last_load = self.load.float(), self.last_load.float()
-        self.last_load.copy_(counts)
+    def _count(self, idx: torch.Tensor, batch: int, valid: torch.Tensor | None) -> torch.Tensor:
+        """Real tokens of each row per expert [B, E] (fp32); their sum over rows is added to the
+        balancing accumulator when training."""
+        rows = idx.reshape(batch, -1)  # [B, T*K]
+        w = (torch.ones_like(rows, dtype=torch.float32) if valid is None
+             else valid.reshape(batch, -1, 1).expand(-1, -1, idx.shape[1]).reshape(batch, -1).float())
+        counts = w.new_zeros(batch, self.n_experts).scatter_add_(1, rows, w)
         if self.training or self.count_load:
-            self.load.add_(counts)
+            if self.load.dtype != torch.float32:  # a model cast to bf16: bf16 cannot count past 256
+                self.load = self.load.float()
+            self.load.add_(counts.sum(0))
+        return counts
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -35,8 +35,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
 
     def forward(self, hidden_prev: torch.Tensor, embeds_ahead: torch.Tensor, cos, sin,
-                mask=None, cache=None, valid=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden_prev, embeds_ahead [B, n, D] aligned -> (block output [B, n, D], aux loss)."""
+                mask=None, cache=None, valid=None):
+        """hidden_prev, embeds_ahead [B, n, D] aligned -> the block's (output [B, n, D], aux loss, counts)."""
         if hidden_prev.shape != embeds_ahead.shape:
             raise ValueError(f"MTP: hidden_prev {tuple(hidden_prev.shape)} and embeds_ahead "
                              f"{tuple(embeds_ahead.shape)} must have the same shape")

@@ -8,12 +8,16 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+from PIL import Image
 
+import lm
 from mm.checkpoint import load_checkpoint, save_checkpoint
 from mm.generate import GenerationConfig, GenerationStats, generate, stream_tokens
 from vision.preprocess import build_transform, load_image
@@ -39,7 +43,7 @@ def _dtype(dtype) -> torch.dtype | None:
 
 
 class Captioner:
-    def __init__(self, model, tokenizer, device="cpu", batch_size: int = 16):
+    def __init__(self, model, tokenizer, device="cpu", batch_size: int = 16, compile: bool = False):
         self.model = model.eval()
         # NHWC convolutions: a single image at 96 px otherwise takes PyTorch's slow
         # NCHW path on the CPU (small inputs skip oneDNN); checkpoints save either layout.
@@ -49,17 +53,38 @@ class Captioner:
         self.batch_size = batch_size
         self.transform = build_transform(model.vision.data_config)
         self.path: Path | None = None
+        self.decoder = lm.Decoder(model.lm)  # the fast decode path over this model's weights
+        self.compile_s: float | None = None
+        if compile:
+            self.compile()
 
     @classmethod
-    def from_pretrained(cls, path=None, device=None, dtype=None, batch_size: int = 16) -> Captioner:
-        """Load a checkpoint directory; None loads the bundled default model."""
+    def from_pretrained(cls, path=None, device=None, dtype=None, batch_size: int = 16,
+                        compile: bool = False) -> Captioner:
+        """Load a checkpoint directory; None loads the bundled default model. compile=True
+        compiles the decode step (see `compile`)."""
         path = Path(path) if path is not None else DEFAULT_MODEL_DIR
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         model, tokenizer = load_checkpoint(path, device=device, dtype=_dtype(dtype))
-        cap = cls(model, tokenizer, device=device, batch_size=batch_size)
+        cap = cls(model, tokenizer, device=device, batch_size=batch_size, compile=compile)
         cap.path = path
         return cap
+
+    def compile(self, mode: str | None = None) -> float:
+        """Compile the decode step with torch.compile (CUDA graphs on a GPU) and warm it up on
+        one blank image per task; returns and prints the seconds that took. Each new batch
+        size compiles once more when first used; greedy, sampling and beams share the graphs."""
+        if mode is None and self.device.type == "cuda":
+            mode = "reduce-overhead"
+        t0 = time.perf_counter()
+        self.decoder.compile(mode)
+        blank = Image.new("RGB", (self.model.cfg.vision.image_size,) * 2)
+        for task in self.tasks:
+            self.caption(blank, task=task, max_new_tokens=4, speculative=False)
+        self.compile_s = time.perf_counter() - t0
+        print(f"compiled the decode step in {self.compile_s:.1f} s", file=sys.stderr)
+        return self.compile_s
 
     @property
     def tasks(self) -> list[str]:
@@ -96,7 +121,7 @@ class Captioner:
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             ids, stats = generate(self.model, self._pixels(chunk), self._prefix(task, len(chunk)), gen,
-                                  self.tokenizer.eos_id)
+                                  self.tokenizer.eos_id, self.decoder)
             texts += [self.tokenizer.decode(row).strip() for row in ids]
             total.add(stats)
         return CaptionResult(texts, total)
@@ -118,7 +143,7 @@ class Captioner:
         # this generator on another thread, where a mode entered earlier does not hold.
         with torch.inference_mode():
             pixels, prefix = self._pixels([image]), self._prefix(task, 1)
-            steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats)
+            steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats, self.decoder)
         started = False
         while True:
             with torch.inference_mode():

@@ -108,36 +108,74 @@ class GenerationStats:
         return self.new_tokens / steps if self.new_tokens else None
 
 
-class _Session:
-    """Shared plumbing: the prefill, one-token steps, and the expert-load tally."""
+class Reference:
+    """Decoding through `Transformer.forward` and its cache `length` (the reference absorbed
+    path), with `lm.Decoder`'s interface: the oracle of the generation tests and the
+    baseline of the benchmarks. Writing at a position first crops the layer back to it."""
 
-    def __init__(self, model, images, prefix_ids, max_len, stats):
-        self.model, self.lm, self.stats = model, model.lm, stats
-        self.moe = lm.moe_layers(model.lm.layers)  # the main model's; MTP layers only draft
-        self.load = [torch.zeros_like(m.last_load, dtype=torch.float64) for m in self.moe]
+    def __init__(self, model: lm.Transformer):
+        self.lm = model
+
+    def embed(self, ids):
+        return self.lm.embed(ids)
+
+    def new_cache(self, batch_size, max_len):
+        return self.lm.new_cache(batch_size, max_len)
+
+    def forward(self, embeds, cache, positions, bound=None, last_only=False, compiled=True):
+        start = int(positions[0, 0])
+        for i in range(cache.n_main):
+            cache.layer(i).crop(start)
+        out = self.lm(inputs_embeds=embeds, cache=cache, return_hidden=True)
+        return lm.DecodeOutput(out.logits[:, -1:] if last_only else out.logits, out.hidden,
+                               out.expert_counts if out.expert_counts is not None else embeds.new_zeros(0))
+
+    __call__ = forward
+
+    def mtp_step(self, k, hidden_prev, embeds_ahead, cache, positions, bound=None, compiled=True):
+        cache.mtp_layer(k).crop(int(positions[0, 0]))
+        return self.lm.mtp_step(k, hidden_prev, embeds_ahead, cache=cache)
+
+
+class _Session:
+    """Shared plumbing: the prefill, steps at the rows' next position, and the expert-load tally.
+
+    Rows share the prompt length (one task per call), so one position counter serves all;
+    positions come from one preallocated range and the expert load is summed on the device.
+    """
+
+    def __init__(self, model, decoder, images, prefix_ids, max_len, stats):
+        self.model, self.dec, self.stats = model, decoder, stats
         t0 = time.perf_counter()
         embeds = model.embed(prefix_ids, model.encode_images(images))
-        self.cache = model.lm.new_cache(prefix_ids.shape[0], max_len, device=prefix_ids.device,
-                                        dtype=embeds.dtype)
-        self.out = self.lm(inputs_embeds=embeds, cache=self.cache, return_hidden=True)
+        b, n = prefix_ids.shape
+        self.cache = decoder.new_cache(b, max_len)
+        self.positions = torch.arange(self.cache.max_len, device=prefix_ids.device)
+        self.out = decoder(embeds, self.cache, self.positions[:n].expand(b, n), bound=n, last_only=True,
+                           compiled=False)
+        self.pos = n  # the next position of every row
         self.embeds = embeds
-        stats.rows += prefix_ids.shape[0]
-        self._tally()
+        self.load = self.out.counts.sum(1).double()
+        stats.rows += b
         stats.prefill_s = time.perf_counter() - t0
 
-    def _tally(self):
-        for acc, m in zip(self.load, self.moe):
-            acc += m.last_load.double().cpu()
-
     def step(self, ids: torch.Tensor, active: int | None = None):
-        """Feed ids [B, n]; returns the LMOutput of those positions. `active` rows are counted."""
-        self.out = self.lm(input_ids=ids, cache=self.cache, return_hidden=True)
-        self.stats.forwards += ids.shape[0] if active is None else active
-        self._tally()
+        """Feed ids [B, n] at the next positions; returns their DecodeOutput. `active` rows are counted."""
+        b, n = ids.shape
+        self.out = self.dec(self.dec.embed(ids), self.cache, self.positions[self.pos:self.pos + n].expand(b, n),
+                            bound=self.bound(self.pos + n))
+        self.pos += n
+        self.stats.forwards += b if active is None else active
+        self.load += self.out.counts.sum(1)
         return self.out
 
+    def bound(self, end: int) -> int:
+        """Cache slots attended by a step whose last position is end - 1: exactly those, or the
+        whole buffer for a compiled step, whose shapes must not change as the sequence grows."""
+        return self.cache.max_len if getattr(self.dec, "compiled", False) else end
+
     def finish(self):
-        self.stats.expert_load = [acc.tolist() for acc in self.load]
+        self.stats.expert_load = self.load.tolist()
 
 
 def _process(logits, generated, step, gen: GenerationConfig, eos_id):
@@ -177,53 +215,69 @@ def _rng(gen, device):
 
 
 def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
-                  stats: GenerationStats) -> Iterator[list[list[int]]]:
-    """Yield, step by step, the new token ids of each row (empty once a row has ended)."""
+                  stats: GenerationStats, decoder=None) -> Iterator[list[list[int]]]:
+    """Yield, step by step, the new token ids of each row (empty once a row has ended).
+
+    `decoder`: an `lm.Decoder` of model.lm (built here when None) or a `Reference`.
+    The tokens leaving the device are the only host synchronisation of a step.
+    """
+    decoder = decoder if decoder is not None else lm.Decoder(model.lm)
     if gen.uses_speculation(model):
         if images.shape[0] != 1:
             raise ValueError("speculative streaming takes one image at a time")
-        yield from _speculative(model, images, prefix_ids, gen, eos_id, stats)
+        yield from _speculative(model, decoder, images, prefix_ids, gen, eos_id, stats)
         return
     B = prefix_ids.shape[0]
-    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens, stats)
+    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens, stats)
     rng = _rng(gen, prefix_ids.device)
     generated = prefix_ids.new_zeros(B, 0)
     done = torch.zeros(B, dtype=torch.bool, device=prefix_ids.device)
+    ended = [False] * B
     t0 = time.perf_counter()
     for step in range(gen.max_new_tokens):
         nxt = _choose(_process(s.out.logits[:, -1], generated, step, gen, eos_id), gen, rng)
-        nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-        yield [[] if d else [t] for d, t in zip(done.tolist(), nxt.tolist())]
-        stats.new_tokens += int((~done).sum())
+        nxt = torch.where(done, eos_id, nxt)
+        toks = nxt.tolist()
+        yield [[] if e else [t] for e, t in zip(ended, toks)]
+        stats.new_tokens += ended.count(False)
+        ended = [e or t == eos_id for e, t in zip(ended, toks)]
+        if all(ended) or step == gen.max_new_tokens - 1:
+            break
         generated = torch.cat([generated, nxt[:, None]], 1)
         done |= nxt == eos_id
-        if bool(done.all()) or step == gen.max_new_tokens - 1:
-            break
-        s.step(nxt[:, None], active=int((~done).sum()))
+        s.step(nxt[:, None], active=ended.count(False))
     stats.decode_s = time.perf_counter() - t0
     s.finish()
 
 
-def _speculative(model, images, prefix_ids, gen, eos_id, stats):
+def _speculative(model, decoder, images, prefix_ids, gen, eos_id, stats):
     stats.speculative = True
     k = gen.drafts(model)
-    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + k + 1, stats)
+    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + k + 1, stats)
     t0 = time.perf_counter()
     tok = int(s.out.logits[0, -1].argmax())
     produced = 1
     yield [[tok]]
-    mtp_cache = s.cache.mtp_layer(1)
+    pos = s.positions[None]
+
+    def draft(hidden, ahead, start, compiled=True):  # MTP positions start .. start + n - 1
+        end = start + hidden.shape[1]
+        return decoder.mtp_step(1, hidden, ahead, s.cache, pos[:, start:end], bound=s.bound(end),
+                                compiled=compiled)
+
     # The MTP module over the whole prefix: position i sees h_i and the embedding of token i+1.
     new, hidden = [tok], s.out.hidden
-    ahead = torch.cat([s.embeds[:, 1:], model.lm.embed(prefix_ids.new_tensor([new]))], 1)
+    ahead = torch.cat([s.embeds[:, 1:], decoder.embed(prefix_ids.new_tensor([new]))], 1)
+    first = True
     while tok != eos_id and produced < gen.max_new_tokens:
-        committed = s.cache.length  # main-model positions holding accepted tokens; `tok` is next
-        mtp_cache.crop(committed - hidden.shape[1])  # positions still to (re)compute from `hidden`
-        logits, h = model.lm.mtp_step(1, hidden, ahead, cache=s.cache)
+        committed = s.pos  # main-model positions holding accepted tokens; `tok` goes next
+        # (re)compute the MTP positions whose inputs `hidden` holds; the first, over the
+        # prefix, has a shape of its own and stays eager under compilation
+        logits, h = draft(hidden, ahead, committed - hidden.shape[1], compiled=not first)
+        first = False
         drafts = [int(logits[0, -1].argmax())]
-        for _ in range(k - 1):  # chained drafts: the MTP module reads its own last hidden state
-            logits, h = model.lm.mtp_step(1, h[:, -1:], model.lm.embed(prefix_ids.new_tensor([drafts[-1:]])),
-                                          cache=s.cache)
+        for j in range(k - 1):  # chained drafts: the MTP module reads its own last hidden state
+            logits, h = draft(h[:, -1:], decoder.embed(prefix_ids.new_tensor([drafts[-1:]])), committed + j)
             drafts.append(int(logits[0, -1].argmax()))
         out = s.step(prefix_ids.new_tensor([[tok] + drafts]))
         best = out.logits[0].argmax(-1).tolist()
@@ -231,7 +285,7 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
         while accepted < k and drafts[accepted] == best[accepted]:
             accepted += 1
         new = drafts[:accepted] + [best[accepted]]
-        s.cache.crop(committed + accepted + 1)  # the main model keeps tok and the accepted drafts
+        s.pos = committed + accepted + 1  # the main model keeps tok and the accepted drafts
         if eos_id in new:
             new = new[: new.index(eos_id) + 1]
         new = new[: gen.max_new_tokens - produced]
@@ -245,7 +299,7 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
         # stay (their hidden input was the MTP's own, not the main model's: only the next
         # drafts can differ, never the output). The rest are recomputed from the main model.
         keep = min(accepted, k - 1, len(new) - 1)
-        ahead = model.lm.embed(prefix_ids.new_tensor([new[keep:]]))
+        ahead = decoder.embed(prefix_ids.new_tensor([new[keep:]]))
         hidden = out.hidden[:, keep: len(new)]
     stats.new_tokens += produced
     stats.decode_s = time.perf_counter() - t0
@@ -253,10 +307,11 @@ def _speculative(model, images, prefix_ids, gen, eos_id, stats):
 
 
 def beam_search(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
-                stats: GenerationStats) -> list[list[int]]:
+                stats: GenerationStats, decoder=None) -> list[list[int]]:
     """Beam search; a finished beam keeps its score and only extends with <eos> at no cost."""
+    decoder = decoder if decoder is not None else lm.Decoder(model.lm)
     B, K = prefix_ids.shape[0], gen.num_beams
-    s = _Session(model, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens, stats)
+    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens, stats)
     t0 = time.perf_counter()
     s.cache.reorder(torch.arange(B, device=prefix_ids.device).repeat_interleave(K))
     logits = s.out.logits[:, -1].repeat_interleave(K, 0)
@@ -294,21 +349,26 @@ def beam_search(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
 
 
 @torch.inference_mode()
-def generate(model, images, prefix_ids, gen: GenerationConfig, eos_id: int):
-    """Token ids per row (ending with <eos> unless max_new_tokens cut them) and the stats."""
+def generate(model, images, prefix_ids, gen: GenerationConfig, eos_id: int, decoder=None):
+    """Token ids per row (ending with <eos> unless max_new_tokens cut them) and the stats.
+
+    `decoder`: an `lm.Decoder` of model.lm (built here when None; a Captioner keeps one)
+    or `Reference(model.lm)` for the reference path."""
     gen.validate()
+    decoder = decoder if decoder is not None else lm.Decoder(model.lm)
     stats = GenerationStats()
     if gen.num_beams > 1:
-        return beam_search(model, images, prefix_ids, gen, eos_id, stats), stats
+        return beam_search(model, images, prefix_ids, gen, eos_id, stats, decoder), stats
     if gen.uses_speculation(model) and images.shape[0] > 1:
         # Acceptance differs per row, so speculation decodes the rows one at a time.
-        rows = [generate(model, images[i : i + 1], prefix_ids[i : i + 1], gen, eos_id) for i in range(len(images))]
+        rows = [generate(model, images[i : i + 1], prefix_ids[i : i + 1], gen, eos_id, decoder)
+                for i in range(len(images))]
         merged = GenerationStats()
         for _, st in rows:
             merged.add(st)
         return [r[0][0] for r in rows], merged
     out = [[] for _ in range(prefix_ids.shape[0])]
-    for step in stream_tokens(model, images, prefix_ids, gen, eos_id, stats):
+    for step in stream_tokens(model, images, prefix_ids, gen, eos_id, stats, decoder):
         for row, new in zip(out, step):
             row.extend(new)
     return out, stats

@@ -91,7 +91,7 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
     # so DDP must not overwrite them with rank 0's at every forward as it does other buffers
     # (BatchNorm statistics, which should stay in step across ranks).
     counters = [f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, MoE)
-                for buf in ("load", "last_load")]
+                for buf in ("load",)]
     DDP._set_params_and_buffers_to_ignore_for_model(model, counters)
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 

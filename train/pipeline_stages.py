@@ -119,7 +119,7 @@ class Stage(nn.Module):
             positions, mask, valid = positions_and_mask(attention_mask, 0, b, t, h.device)
             cos, sin = self.rope(positions)
             for layer in self.layers:
-                h, a = layer(h, cos, sin, mask, None, valid)
+                h, a, _ = layer(h, cos, sin, mask, None, valid)
                 aux = aux + a
             if not self.last:
                 return (h, embeds, aux) if self.carry else (h, aux)

@@ -46,7 +46,7 @@ def test_chained_depths_reuse_the_last_module_on_its_own_output(make_model):
         for k, logits in enumerate(got, start=1):
             n = 10 - k
             cos, sin = model.rope((torch.arange(n))[None].expand(2, n))
-            h, _ = model.mtp[0](h[:, :n], emb[:, k:k + n], cos, sin)
+            h, _, _ = model.mtp[0](h[:, :n], emb[:, k:k + n], cos, sin)
             assert (logits - model.head(model.mtp[0].norm(h))).abs().max() < 1e-5
     with pytest.raises(lm.ConfigError, match="mtp_depths"):
         make_model(depth=0, mtp_depths=2)

@@ -1,0 +1,325 @@
+"""The inference fast path of `lm.Transformer`: the same numbers in a fraction of the ops.
+
+A decode step of the reference path (`Transformer.forward` with a cache) is bound by
+per-operation overhead on small models: about 2,700 PyTorch calls for the bundled
+4-layer model, most of them views, casts and einsum plumbing around a few hundred
+microseconds of arithmetic. `Decoder` keeps the weights rearranged once for inference
+and runs a block in a few dozen calls:
+
+- MLA, absorbed (DeepSeek-V2 section 2.1.2). The query, latent and rope projections of x
+  are one product with columns [q_nope | kv | q_pe | k_pe]; every head's rope part is
+  rotated together with the shared rope key; wkv_b's key half takes the query into
+  latent space and its value half takes the output out of it, one batched product over
+  the heads each. (Folding those halves into wq and wo would save two products but
+  multiply those weights' bytes by kv_lora_rank / qk_nope_head_dim, and a decode step
+  is bound by the bytes it reads.) The cache holds [kv | k_pe] per token in one buffer,
+  so the scores of all heads of all new tokens are ONE batched product against it: in
+  latent space MLA is multi-query attention.
+- Positions per row. Row b's new token t is written to cache slot positions[b, t] and
+  attends to slots <= positions[b, t]. Rows of different lengths can share a batch (the
+  serving engine), nothing is ever cropped (a rejected draft's slot is overwritten before
+  any query can see it), and with a fixed `bound` (the slots attended) every step has
+  the same shapes, so one compiled graph serves a whole generation.
+- MoE. For few (token, expert) pairs the chosen experts' weights are gathered and run as
+  two batched products: only selected experts are computed, with no empty groups and no
+  host synchronisation. Many pairs (a prefill) take the layer's sorted grouped dispatch.
+  Routing counts per row come back in the output; nothing is written to the modules.
+
+The rearranged weights are copies made when the Decoder is built (concatenations and
+transposes of the model's own, so about one more copy of the attention and expert
+weights): build a new Decoder after the model's weights change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lm.attention import MLA
+from lm.cache import KVCache
+from lm.model import Block, Transformer
+from lm.moe import MLP, MoE, route
+
+LATENT_EPS = 1e-6  # MLA's latent norms, whatever rms_norm_eps says (lm/attention.py)
+
+
+@dataclass
+class DecodeOutput:
+    logits: torch.Tensor  # [B, T, V], or [B, 1, V] with last_only
+    hidden: torch.Tensor  # [B, T, D], last layer output before the final norm
+    counts: torch.Tensor  # [moe layers, B, E] float: tokens of each row routed to each expert
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """lm.RMSNorm as a function: statistics in fp32, cast back, then the weight."""
+    return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, T, R/2] -> per-dim tables [B, T, 1, R] for `rotate`: (c, c) and (-s, s) per pair."""
+    c = cos.repeat_interleave(2, -1)
+    s = torch.stack((-sin, sin), -1).flatten(-2)
+    return c[:, :, None], s[:, :, None]
+
+
+def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """lm.apply_rope on interleaved pairs of x [B, T, H, R] in fp32: (x0 c - x1 s, x1 c + x0 s)."""
+    x32 = x.float()
+    swapped = x32.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return (x32 * c + swapped * s).to(x.dtype)
+
+
+class _Attention:
+    """One MLA layer's weights, rearranged for the absorbed path."""
+
+    def __init__(self, attn: MLA, dtype: torch.dtype):
+        h, c, r = attn.n_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
+        nope, v = attn.qk_nope_head_dim, attn.v_head_dim
+        self.h, self.c, self.r, self.nope, self.v, self.q_lora = h, c, r, nope, v, attn.q_lora_rank
+        self.scale = attn.softmax_scale
+        wkv_b = attn.wkv_b.weight.detach().view(h, nope + v, c)
+        self.w_uk = wkv_b[:, :nope].to(dtype)  # [H, nope, C]: a head's query into latent space
+        self.w_uv_t = wkv_b[:, nope:].transpose(1, 2).to(dtype)  # [H, C, v]: latent out to the head's values
+        wq = (attn.wq_b if self.q_lora else attn.wq).weight.detach()
+        wq = wq.view(h, nope + r, wq.shape[-1])
+        q_nope, q_pe = wq[:, :nope].flatten(0, 1), wq[:, nope:].flatten(0, 1)  # rows regrouped: all heads' nope, then rope
+        wkv_a, bkv_a = attn.wkv_a.weight.detach(), attn.wkv_a.bias
+        if self.q_lora:
+            self.w_a = torch.cat([attn.wq_a.weight.detach(), wkv_a]).to(dtype)  # [q_lora + C + R, D]
+            self.b_a = None if bkv_a is None else torch.cat([attn.wq_a.bias, bkv_a]).detach().to(dtype)
+            self.q_norm = attn.q_norm.weight.detach().to(dtype)
+            self.w_qb = torch.cat([q_nope, q_pe]).to(dtype)  # [H*nope + H*R, q_lora]
+        else:
+            # rows [q_nope | kv | q_pe | k_pe]: the heads' rope queries sit next to the rope key
+            self.w_a = torch.cat([q_nope, wkv_a[:c], q_pe, wkv_a[c:]]).to(dtype)
+            self.b_a = None
+            if bkv_a is not None:
+                zeros = bkv_a.new_zeros(h * max(nope, r))
+                self.b_a = torch.cat([zeros[: h * nope], bkv_a[:c], zeros[: h * r], bkv_a[c:]]).detach().to(dtype)
+        self.kv_norm = attn.kv_norm.weight.detach().to(dtype)
+        self.w_o = attn.wo.weight.detach().to(dtype)
+        self.b_o = None if attn.wo.bias is None else attn.wo.bias.detach().to(dtype)
+
+    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound):
+        b, t, _ = x.shape
+        h, lat, r, nope = self.h, self.c, self.r, self.nope
+        if self.q_lora:
+            qa, kv, k_pe = F.linear(x, self.w_a, self.b_a).split([self.q_lora, lat, r], -1)
+            q_nope, q_pe = F.linear(rms_norm(qa, self.q_norm, LATENT_EPS), self.w_qb).split([h * nope, h * r], -1)
+            pe = torch.cat([q_pe, k_pe], -1)
+        else:
+            q_nope, kv, pe = F.linear(x, self.w_a, self.b_a).split([h * nope, lat, (h + 1) * r], -1)
+        pe = rotate(pe.view(b, t, h + 1, r), c, s)  # the heads' rope queries and the shared rope key
+        buf.index_put_((rows, positions), torch.cat([rms_norm(kv, self.kv_norm, LATENT_EPS), pe[:, :, h]], -1))
+        q_lat = torch.bmm(q_nope.reshape(b * t, h, nope).transpose(0, 1), self.w_uk)  # [H, B*T, C]
+        q = torch.cat([q_lat.view(h, b, t, lat).permute(1, 2, 0, 3), pe[:, :, :h]], -1).view(b, t * h, lat + r)
+        keys = buf[:, :bound]  # [B, S, C + R]
+        scores = torch.bmm(q, keys.transpose(1, 2)).float().view(b, t, h, bound)
+        probs = (scores * self.scale + mask_bias).softmax(-1).to(x.dtype)
+        out = torch.bmm(probs.view(b, t * h, bound), keys[..., :lat])  # [B, T*H, C]: values are the latent
+        out = torch.bmm(out.view(b * t, h, lat).transpose(0, 1), self.w_uv_t)  # [H, B*T, v]
+        return F.linear(out.transpose(0, 1).reshape(b, t, h * self.v), self.w_o, self.b_o)
+
+
+class _MLP:
+    """SwiGLU with w1 and w3 in one product."""
+
+    def __init__(self, mlp: MLP, dtype: torch.dtype):
+        self.w13 = torch.cat([mlp.w1.weight, mlp.w3.weight]).detach().to(dtype)
+        self.w2 = mlp.w2.weight.detach().to(dtype)
+
+    def __call__(self, x):
+        a, g = F.linear(x, self.w13).chunk(2, -1)
+        return F.linear(F.silu(a) * g, self.w2)
+
+
+class _MoE:
+    """Routed experts plus the shared experts; three ways to run the routed ones (see __call__)."""
+
+    def __init__(self, moe: MoE, dtype: torch.dtype, gather_limit: int):
+        self.moe, self.cfg = moe, moe.gate.cfg
+        self.n_experts = moe.n_experts
+        self.gate = moe.gate.weight.detach().float()
+        self.bias = moe.gate.bias
+        ex = moe.experts
+        self.w13 = torch.cat([ex.w1, ex.w3], 1).detach().to(dtype)  # [E, 2I, D]
+        self.w2 = ex.w2.detach().to(dtype)  # [E, D, I]
+        # [E, D, 2I] and [E, I, D]: a gathered expert is then the right operand of a row-vector product
+        self.w13_t, self.w2_t = self.w13.transpose(1, 2).contiguous(), self.w2.transpose(1, 2).contiguous()
+        self.shared = _MLP(moe.shared_experts, dtype) if moe.shared_experts is not None else None
+        self.gather_limit = gather_limit
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        flat = x.view(-1, d)
+        weights, idx, _ = route(F.linear(flat.float(), self.gate), self.bias, self.cfg)
+        n, k = idx.shape
+        if n * k > self.gather_limit:  # a prefill: the layer's sorted grouped dispatch
+            y, _ = self.moe.dispatch(flat, weights, idx)
+        elif flat.device.type == "cpu" and not torch.compiler.is_compiling():
+            y = self._by_views(flat, weights, idx)
+        else:
+            y = self._gathered(flat, weights, idx)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        counts = flat.new_zeros(b, self.n_experts, dtype=torch.float32)
+        counts.scatter_add_(1, idx.view(b, t * k), counts.new_ones(1).expand(b, t * k))
+        return y.view(b, t, d), counts
+
+    def _gathered(self, x, weights, idx):
+        """Each (token, expert) pair's weights gathered, two batched row-vector products: shapes
+        fixed by the token count and no host synchronisation (compiled graphs, GPUs)."""
+        n, k = idx.shape
+        pick = idx.flatten()
+        inp = x[:, None].expand(n, k, x.shape[-1]).reshape(n * k, 1, -1)
+        a, g = torch.bmm(inp, self.w13_t.index_select(0, pick)).chunk(2, -1)  # [n*k, 1, I] each
+        y = torch.bmm(F.silu(a) * g, self.w2_t.index_select(0, pick)).view(n, k, -1)
+        return (y * weights[..., None].to(y.dtype)).sum(1)
+
+    def _by_views(self, x, weights, idx):
+        """CPU: the expert ids are already host values (reading them waits for no device), so
+        each chosen expert runs on its rows with its weights as views, copying no weights."""
+        y = torch.zeros_like(x)
+        w = weights.to(x.dtype)
+        pairs: dict[int, tuple[list[int], list[int]]] = {}  # expert -> (tokens, top-k slots)
+        for i, row in enumerate(idx.tolist()):
+            for j, e in enumerate(row):
+                tokens, slots = pairs.setdefault(e, ([], []))
+                tokens.append(i)
+                slots.append(j)
+        for e, (tokens, slots) in pairs.items():
+            if x.shape[0] == 1:  # one token: each expert appears once in its top-k
+                a, g = F.linear(x, self.w13[e]).chunk(2, -1)
+                y += F.linear(F.silu(a) * g, self.w2[e]) * w[:, slots[0]:slots[0] + 1]
+                continue
+            r = torch.tensor(tokens, device=x.device)
+            a, g = F.linear(x[r], self.w13[e]).chunk(2, -1)
+            y.index_add_(0, r, F.linear(F.silu(a) * g, self.w2[e]) * w[r, slots][:, None])
+        return y
+
+
+class _Block:
+    def __init__(self, block: Block, dtype: torch.dtype, gather_limit: int):
+        self.attn_norm, self.ffn_norm = block.attn_norm.weight.detach().to(dtype), block.ffn_norm.weight.detach().to(dtype)
+        self.eps = block.attn_norm.eps
+        self.attn = _Attention(block.attn, dtype)
+        self.is_moe = isinstance(block.ffn, MoE)
+        self.ffn = _MoE(block.ffn, dtype, gather_limit) if self.is_moe else _MLP(block.ffn, dtype)
+
+    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound):
+        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), c, s, buf, rows, positions, mask_bias, bound)
+        h = rms_norm(x, self.ffn_norm, self.eps)
+        if self.is_moe:
+            y, counts = self.ffn(h)
+            return x + y, counts
+        return x + self.ffn(h), None
+
+
+class Decoder:
+    """`Transformer` inference with fused weights and per-row positions (see the module docstring).
+
+    forward(embeds [B, T, D], cache, positions [B, T]) writes the T new tokens of each row
+    at their positions in the cache's main layers and returns their logits and hidden
+    states; `bound` (default: the largest position + 1) is how many cache slots attention
+    reads, and a fixed bound keeps the shapes of every step equal.
+    """
+
+    def __init__(self, model: Transformer, gather_limit: int | None = None):
+        cfg = model.cfg
+        self.cfg = cfg
+        p = model.embed.weight
+        self.dtype, self.device = p.dtype, p.device
+        # Gathering copies k expert weights per token; past about one copy of every expert
+        # the sorted grouped dispatch, which reads each used expert once, is cheaper.
+        limit = gather_limit if gather_limit is not None else max(cfg.n_routed_experts, 16)
+        with torch.no_grad():
+            self.embed_w = p.detach()
+            self.blocks = [_Block(b, self.dtype, limit) for b in model.layers]
+            self.norm, self.eps = model.norm.weight.detach(), model.norm.eps
+            self.head = model.head.weight.detach()
+            self.mtp = [(m.enorm.weight.detach(), m.hnorm.weight.detach(), m.eh_proj.weight.detach(),
+                         _Block(m.block, self.dtype, limit), m.norm.weight.detach()) for m in model.mtp]
+        self.rope = model.rope
+        self.n_main = len(self.blocks)
+        self._rows: dict[int, torch.Tensor] = {}
+        self._slots = torch.arange(cfg.max_position_embeddings, device=self.device)
+        self.compiled = False
+        self._forward, self._mtp = self._forward_eager, self._mtp_eager
+
+    def compile(self, mode: str | None = None) -> Decoder:
+        """Compile the step functions with static shapes (inductor; mode "reduce-overhead" adds
+        CUDA graphs on a GPU). Each distinct (batch, new tokens, bound) compiles once, so callers
+        pass compiled=False for one-off shapes such as a prefill."""
+        self._forward = torch.compile(self._forward_eager, dynamic=False, mode=mode)
+        self._mtp = torch.compile(self._mtp_eager, dynamic=False, mode=mode)
+        self.compiled = True
+        return self
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed_w)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(self.n_main, len(self.mtp), batch_size, max_len, self.cfg.kv_lora_rank,
+                       self.cfg.qk_rope_head_dim, device=self.device, dtype=self.dtype)
+
+    def _inputs(self, cache_len: int, positions: torch.Tensor, bound: int | None):
+        b = positions.shape[0]
+        if bound is None:
+            bound = int(positions.max()) + 1
+        if bound > cache_len:
+            raise ValueError(f"Decoder: positions up to {bound - 1} do not fit a cache of max_len {cache_len}")
+        if b not in self._rows:
+            self._rows[b] = torch.arange(b, device=self.device)[:, None]
+        slots = self._slots[:bound] if bound <= len(self._slots) else torch.arange(bound, device=self.device)
+        return self._rows[b], slots, bound
+
+    def forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor,
+                bound: int | None = None, last_only: bool = False, compiled: bool = True) -> DecodeOutput:
+        rows, slots, bound = self._inputs(cache.max_len, positions, bound)
+        bufs = [cache.layer(i).buf for i in range(self.n_main)]
+        fn = self._forward if compiled else self._forward_eager
+        logits, hidden, counts = fn(embeds, bufs, rows, positions, slots, last_only)
+        return DecodeOutput(logits, hidden, counts)
+
+    __call__ = forward
+
+    def _prepare(self, positions, slots):
+        cos, sin = self.rope(positions)
+        c, s = rope_tables(cos, sin)
+        mask_bias = torch.zeros(positions.shape + slots.shape, device=positions.device)
+        mask_bias.masked_fill_(slots > positions[..., None], float("-inf"))
+        return c, s, mask_bias[:, :, None]  # [B, T, 1, S]: the same for every head
+
+    def _forward_eager(self, x, bufs, rows, positions, slots, last_only: bool):
+        c, s, mask_bias = self._prepare(positions, slots)
+        bound = slots.shape[0]
+        counts = []
+        for block, buf in zip(self.blocks, bufs):
+            x, n = block(x, c, s, buf, rows, positions, mask_bias, bound)
+            if n is not None:
+                counts.append(n)
+        h = x[:, -1:] if last_only else x
+        logits = F.linear(rms_norm(h, self.norm, self.eps), self.head)
+        counts = torch.stack(counts) if counts else x.new_zeros(0, x.shape[0], 0, dtype=torch.float32)
+        return logits, x, counts
+
+    def mtp_step(self, k: int, hidden_prev: torch.Tensor, embeds_ahead: torch.Tensor, cache: KVCache,
+                 positions: torch.Tensor, bound: int | None = None,
+                 compiled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP depth k (1-based) on aligned [B, n, D] inputs at `positions` of its own cache layer
+        -> (logits [B, n, V], hidden [B, n, D]); as Transformer.mtp_step."""
+        if not 1 <= k <= len(self.mtp):
+            raise ValueError(f"mtp_step: depth {k} not in 1..{len(self.mtp)} (num_nextn_predict_layers)")
+        rows, slots, bound = self._inputs(cache.max_len, positions, bound)
+        fn = self._mtp if compiled else self._mtp_eager
+        return fn(k - 1, hidden_prev, embeds_ahead, cache.mtp_layer(k).buf, rows, positions, slots)
+
+    def _mtp_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+        enorm, hnorm, eh_proj, block, norm = self.mtp[i]
+        c, s, mask_bias = self._prepare(positions, slots)
+        x = F.linear(torch.cat([rms_norm(embeds_ahead, enorm, self.eps), rms_norm(hidden_prev, hnorm, self.eps)], -1),
+                     eh_proj)
+        h, _ = block(x, c, s, buf, rows, positions, mask_bias, slots.shape[0])
+        return F.linear(rms_norm(h, norm, self.eps), self.head), h

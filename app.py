@@ -1,20 +1,17 @@
-"""The Gradio app: a browser page and a client API over `mm.Captioner`, nothing more.
+"""The Gradio app and the OpenAI-compatible HTTP API: a thin shell over the serving engine.
 
-    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--device cpu|cuda]
+    python app.py [--checkpoint DIR] [--host 127.0.0.1] [--port 7860] [--device cpu|cuda] [--compile]
     mm serve      (the same options)
 
-Two things a reader must know:
+Every request, from the page, Gradio's client API or `/v1/chat/completions`, goes to one
+`mm.engine.Engine`, whose loop owns the model and decodes all running requests in one
+batch (continuous batching): a handler submits and then only waits for its text, so
+there is no model lock and simultaneous users share each forward. A user who leaves
+mid-stream cancels the request and frees its row. The HTTP API is mounted on the same
+FastAPI app, host and port as the page (`mm/openai_api.py`).
 
-- Model steps run one at a time under a lock. The MoE layers keep the routing
-  counts of their last forward on the module and the routing view reads them
-  after each step, so overlapping forwards would mix users' counts. The lock is
-  taken per decoding step, not per caption, so simultaneous streams interleave
-  and every user sees text arriving; each step already keeps the device busy.
-- Each step enters its own `torch.inference_mode()`: Gradio resumes a streaming
-  handler on whichever worker thread is free, and autograd's mode is per thread.
-
-Bad input (no image, an unreadable or oversized upload, out-of-range options)
-becomes a `gr.Error` message on the page, never a stack trace.
+Bad input (no image, an unreadable or oversized upload, out-of-range options) becomes a
+`gr.Error` message on the page, never a stack trace; a full queue says the server is busy.
 """
 
 from __future__ import annotations
@@ -24,9 +21,10 @@ import csv
 import html
 import json
 import sys
+import shutil
 import tempfile
-import threading
 import time
+import weakref
 from pathlib import Path
 
 import gradio as gr
@@ -36,11 +34,14 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from mm.captioner import DEFAULT_MODEL_DIR, Captioner
+from mm.engine import Engine, EngineBusy, EngineClosed
 from mm.generate import GenerationStats
+from mm.openai_api import router
 from vision.preprocess import ImageError, load_image
 
 MAX_NEW_TOKENS = 256
 MAX_BATCH_FILES = 64
+KEEP_BATCH_TABLES = 16  # the newest batch tables kept on disk for download
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MODES = ("greedy", "beam search", "sampling")
 UNTRAINED_NOTICE = ("**This model is untrained (random weights): its captions are noise.** "
@@ -160,21 +161,26 @@ def write_tables(rows: list[dict], out_dir: Path) -> tuple[str, str]:
 
 
 class Shell:
-    """The event handlers: options in, Captioner calls under the model lock, page values out."""
+    """The event handlers: options in, engine requests, page values out."""
 
-    def __init__(self, cap: Captioner):
-        self.cap = cap
-        self.lock = threading.Lock()
+    def __init__(self, cap: Captioner, engine: Engine):
+        self.cap, self.engine = cap, engine
+        self.tables = Path(tempfile.mkdtemp(prefix="mm-batch-"))
+        weakref.finalize(self, shutil.rmtree, self.tables, True)  # gone with the app, at the latest at exit
+        self._batches = 0
 
     def _check_task(self, task):
         if task not in self.cap.tasks:
             raise user_error(f"unknown task {task!r}; this model knows {', '.join(self.cap.tasks)}")
 
-    def _call(self, fn, *args, **kwargs):
-        """One model call under the lock; the model's own input errors become page messages."""
+    def _submit(self, image, task, opts):
+        """One engine request; the model's own input errors and a full queue become page messages."""
         try:
-            with self.lock, torch.inference_mode():
-                return fn(*args, **kwargs)
+            return self.engine.submit(image, task, **opts)
+        except EngineBusy as e:
+            raise user_error(f"The server is busy ({e}).") from None
+        except EngineClosed as e:
+            raise user_error(f"The server is shutting down ({e}).") from None
         except (ImageError, ValueError, TypeError) as e:
             raise user_error(str(e)) from None
 
@@ -185,18 +191,17 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        img = open_image(image)
-        if opts["num_beams"] > 1:
-            res = self._call(self.cap.run, [img], task, **opts)
-            yield res.texts[0], stats_markdown(res.stats, time.perf_counter() - start), \
-                routing_figure(res.stats.expert_load)
-            return
-        stats, text, first = GenerationStats(), "", None
-        pieces = self.cap.stream(img, task, stats=stats, **opts)
-        while (piece := self._call(next, pieces, None)) is not None:
-            text += piece
-            first = first if first is not None else time.perf_counter() - start
-            yield text, "generating…", gr.skip()
+        req = self._submit(open_image(image), task, opts)
+        text, first = "", None
+        try:
+            for piece in req.stream():
+                text += piece
+                first = first if first is not None else time.perf_counter() - start
+                if opts["num_beams"] == 1:
+                    yield text, "generating…", gr.skip()
+            stats = req.result().stats
+        finally:
+            req.cancel()  # a user who closed the page frees the row; no-op once finished
         yield text, stats_markdown(stats, time.perf_counter() - start, first), routing_figure(stats.expert_load)
 
     def caption(self, image, task="caption", mode="greedy", num_beams=4, temperature=0.7, top_p=1.0,
@@ -205,7 +210,7 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        return self._call(self.cap.run, [open_image(image)], task, **opts).texts[0]
+        return self._submit(open_image(image), task, opts).result().text
 
     def batch(self, files, task, mode, num_beams, temperature, top_p, max_new_tokens,
               repetition_penalty, speculative, seed):
@@ -218,24 +223,29 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        rows, good = [], []
-        for path in files:
+        rows, pending = [], []
+        for path in files:  # all submitted at once: the engine batches them with everyone else's
             row = {"file": Path(path).name, "task": task, "caption": "", "error": ""}
             try:
-                load_image(path)  # check now, so one bad file costs its row, not the batch
-                good.append((row, path))  # the captioner decodes it again: one full image in memory at a time
-            except ImageError as e:
-                row["error"] = str(e).replace(str(path), row["file"])
+                pending.append((row, self._submit(path, task, opts)))
+            except gr.Error as e:
+                row["error"] = e.message.replace(html.escape(str(path), quote=False), row["file"])
             rows.append(row)
-        step = self.cap.batch_size  # one lock per chunk, so streams of other users interleave
-        for i in range(0, len(good), step):
-            chunk = good[i : i + step]
-            for (row, _), text in zip(chunk, self._call(self.cap.run, [p for _, p in chunk], task, **opts).texts):
-                row["caption"] = text
-        tables = write_tables(rows, Path(tempfile.mkdtemp(prefix="mm-batch-")))
+        for row, req in pending:
+            row["caption"] = req.result().text
+        tables = write_tables(rows, self._table_dir())
         table = [[r["file"], r["caption"], r["error"]] for r in rows]
-        summary = f"{len(good)} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
+        summary = f"{len(pending)} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
         return table, summary, *tables
+
+    def _table_dir(self) -> Path:
+        """A fresh folder for one batch's tables; only the newest KEEP_BATCH_TABLES stay on disk."""
+        self._batches += 1
+        out = self.tables / f"batch-{self._batches:06d}"
+        out.mkdir()
+        old = self.tables / f"batch-{self._batches - KEEP_BATCH_TABLES:06d}"
+        shutil.rmtree(old, ignore_errors=True)
+        return out
 
 
 def _examples() -> tuple[list, list[str]]:
@@ -247,8 +257,8 @@ def _examples() -> tuple[list, list[str]]:
     return [[str(EXAMPLES_DIR / e["file"]), e.get("task", "caption")] for e in items], [e["label"] for e in items]
 
 
-def build_demo(cap: Captioner, untrained: bool = False) -> gr.Blocks:
-    shell = Shell(cap)
+def build_demo(cap: Captioner, engine: Engine, untrained: bool = False) -> gr.Blocks:
+    shell = Shell(cap, engine)
     with gr.Blocks(title="DeepSeek-style captioner", analytics_enabled=False) as demo:  # no network
         gr.Markdown("# DeepSeek-style image captioner\nA timm encoder and an MLA + DeepSeekMoE + MTP "
                     f"language model. Model: `{cap.path or 'random weights'}`.")
@@ -327,18 +337,44 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--concurrency", type=int, default=2, help="requests served at once; the rest queue")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together in one batch")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests; past this the server says busy")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile; see README)")
+
+
+def serve(cap: Captioner, untrained: bool = False, host: str = "127.0.0.1", port: int = 7860,
+          max_batch: int = 32, max_queue: int = 256, block: bool = True, quiet: bool = False):
+    """Start the engine, the page and the HTTP API on host:port -> (demo, engine, url); with
+    block, serve until interrupted and then stop both."""
+    engine = Engine(cap, max_batch=max_batch, max_queue=max_queue, max_new_tokens=MAX_NEW_TOKENS)
+    # Handlers only wait on the engine, so Gradio may run as many at once as the engine queues.
+    demo = build_demo(cap, engine, untrained).queue(default_concurrency_limit=max_batch + max_queue,
+                                                    max_size=max_queue)
+    _, url, _ = demo.launch(server_name=host, server_port=port, show_error=True, max_file_size="50mb",
+                            ssr_mode=False, prevent_thread_lock=True, quiet=quiet, max_threads=max(40, 2 * max_batch))
+    demo.app.include_router(router(engine, model_id(cap), MAX_NEW_TOKENS))
+    if not block:
+        return demo, engine, url
+    try:
+        demo.block_thread()
+    finally:
+        engine.close()
+    return demo, engine, url
+
+
+def model_id(cap: Captioner) -> str:
+    return f"mm-{cap.path.name}" if cap.path is not None else "mm-untrained"
 
 
 def run(args) -> int:
     try:
         cap, untrained = load_captioner(args.checkpoint, args.device)
+        if args.compile:
+            cap.compile()
     except (OSError, ValueError) as e:  # a missing or mismatched checkpoint names its path
         print(f"error: {e}", file=sys.stderr)
         return 2
-    demo = build_demo(cap, untrained).queue(default_concurrency_limit=args.concurrency, max_size=256)
-    demo.launch(server_name=args.host, server_port=args.port, show_error=True, max_file_size="50mb",
-                ssr_mode=False)
+    serve(cap, untrained, args.host, args.port, args.max_batch, args.max_queue)
     return 0
 
 

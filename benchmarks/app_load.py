@@ -36,17 +36,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(checkpoint=None, concurrency: int = 2):
-    """Start the app in this process; -> (demo, url). Close with demo.close()."""
+def launch(checkpoint=None, max_batch: int = 32, compile: bool = False):
+    """Start the app in this process; -> (close, url)."""
     sys.path.insert(0, str(ROOT))
     import app
 
     cap, untrained = app.load_captioner(checkpoint, "cpu")
-    demo = app.build_demo(cap, untrained).queue(default_concurrency_limit=concurrency)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                show_error=True, ssr_mode=False)
-    return demo, f"http://127.0.0.1:{port}/"
+    if compile:
+        cap.compile()
+    demo, engine, url = app.serve(cap, untrained, port=free_port(), max_batch=max_batch, block=False, quiet=True)
+
+    def close():
+        demo.close()
+        engine.close()
+
+    return close, url
 
 
 def default_jobs() -> list[tuple[str, str]]:
@@ -132,14 +136,14 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--concurrency", type=int, default=2, help="the launched app's queue concurrency")
+    p.add_argument("--max-batch", type=int, default=32, help="the launched app's engine batch")
     args = p.parse_args(argv)
-    demo, url = (None, args.url) if args.url else launch(args.checkpoint, args.concurrency)
+    close, url = (None, args.url) if args.url else launch(args.checkpoint, args.max_batch)
     try:
         result = run_load(url, default_jobs(), args.clients, args.requests, args.max_new_tokens)
     finally:
-        if demo is not None:
-            demo.close()
+        if close is not None:
+            close()
     print(f"{result['ok']}/{result['requests']} ok, {result['correct']} correct; "
           f"p50 {result['p50_s']:.3f} s, p95 {result['p95_s']:.3f} s, {result['throughput_rps']} req/s "
           f"(one at a time: p50 {result['baseline_p50_s']:.3f} s, {result['baseline_rps']} req/s)")

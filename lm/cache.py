@@ -19,6 +19,8 @@ may hold sequences of different lengths; it leaves `length` alone.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 
@@ -106,6 +108,15 @@ class KVCache:
         index = index.to(device=self.layers[0].buf.device, dtype=torch.long)
         for layer in self.layers:
             layer.reorder(index)
+
+    def rows(self, n: int) -> KVCache:
+        """The first n rows of this cache as a cache of its own; its buffers are views, so
+        what is written through it lands here (the serving engine's running rows)."""
+        view = copy.copy(self)
+        view.layers = [copy.copy(lc) for lc in self.layers]
+        for lc in view.layers:
+            lc.buf = lc.buf[:n]
+        return view
 
     def copy_rows(self, dst: torch.Tensor, src: KVCache, src_rows: torch.Tensor, length: int) -> None:
         """Copy the first `length` positions of rows src_rows of `src` into rows dst of this cache

@@ -20,10 +20,13 @@ and runs a block in a few dozen calls:
   serving engine), nothing is ever cropped (a rejected draft's slot is overwritten before
   any query can see it), and with a fixed `bound` (the slots attended) every step has
   the same shapes, so one compiled graph serves a whole generation.
-- MoE. For few (token, expert) pairs the chosen experts' weights are gathered and run as
-  two batched products: only selected experts are computed, with no empty groups and no
-  host synchronisation. Many pairs (a prefill) take the layer's sorted grouped dispatch.
-  Routing counts per row come back in the output; nothing is written to the modules.
+- MoE: only the chosen experts run, never an empty group. On a CPU in eager mode the
+  expert ids are host values already, so each chosen expert runs once on its tokens with
+  its weights as views (faster there than CPU grouped_mm, which syncs per group). On an
+  accelerator, and under torch.compile, few (token, expert) pairs gather their experts'
+  weights into two batched products with no host synchronisation, and many pairs (a
+  prefill) take the layer's sorted grouped dispatch. Routing counts per row come back in
+  the output; nothing is written to the modules.
 
 The rearranged weights are copies made when the Decoder is built (concatenations and
 transposes of the model's own, so about one more copy of the attention and expert
@@ -156,12 +159,12 @@ class _MoE:
         flat = x.view(-1, d)
         weights, idx, _ = route(F.linear(flat.float(), self.gate), self.bias, self.cfg)
         n, k = idx.shape
-        if n * k > self.gather_limit:  # a prefill: the layer's sorted grouped dispatch
-            y, _ = self.moe.dispatch(flat, weights, idx)
-        elif flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        if flat.device.type == "cpu" and not torch.compiler.is_compiling():
             y = self._by_views(flat, weights, idx)
-        else:
+        elif n * k <= self.gather_limit:
             y = self._gathered(flat, weights, idx)
+        else:  # a prefill: the layer's sorted grouped dispatch
+            y, _ = self.moe.dispatch(flat, weights, idx)
         if self.shared is not None:
             y = y + self.shared(flat)
         counts = flat.new_zeros(b, self.n_experts, dtype=torch.float32)

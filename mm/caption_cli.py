@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-speculative", action="store_true", help="plain greedy decoding (no MTP drafts)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (pays off on large jobs; see README)")
     p.add_argument("--draft-tokens", type=int, default=None,
                    help="MTP drafts verified per forward (above 1 the MTP module is chained on itself; "
                         "default: the chain depth the model's MTP was trained to, else 1)")
@@ -91,7 +93,7 @@ def run(args) -> int:
     try:
         GenerationConfig(**options).validate()  # bad options and an unknown task fail before any work
         cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        batch_size=args.batch_size)
+                                        batch_size=args.batch_size, compile=args.compile)
         cap.model.cfg.prompt(args.task)
     except ValueError as e:  # bad options, CheckpointError, ConfigError
         print(f"mm caption: {e}", file=sys.stderr)

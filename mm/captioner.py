@@ -138,24 +138,42 @@ class Captioner:
         if gen.num_beams > 1:
             raise ValueError("beam search cannot stream: use num_beams=1, or caption() for beams")
         stats = stats if stats is not None else GenerationStats()
-        decoder = self.tokenizer.stream_decoder()
+        text = CaptionText(self.tokenizer)
         # Inference mode is entered per step, not across the yields: a server may resume
         # this generator on another thread, where a mode entered earlier does not hold.
         with torch.inference_mode():
             pixels, prefix = self._pixels([image]), self._prefix(task, 1)
             steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats, self.decoder)
-        started = False
         while True:
             with torch.inference_mode():
                 step = next(steps, None)
             if step is None:
                 break
-            for piece in [decoder.push(tok) for tok in step[0]]:
-                if not started:  # the caption's leading space is not part of the text
-                    piece = piece.lstrip()
-                    started = bool(piece)
-                if piece:
+            for tok in step[0]:
+                if piece := text.push(tok):
                     yield piece
-        tail = decoder.flush()  # bytes of a character cut off by max_new_tokens
-        if tail and (started or tail.strip()):
-            yield tail if started else tail.lstrip()
+        if tail := text.flush():
+            yield tail
+
+
+class CaptionText:
+    """Token ids -> the caption's text in pieces of whole characters, without its leading space.
+    The pieces join to what `Captioner.run` returns, except for a character that
+    max_new_tokens cut in half, which comes out at `flush`."""
+
+    def __init__(self, tokenizer):
+        self.decoder = tokenizer.stream_decoder()
+        self.started = False
+
+    def push(self, token: int) -> str:
+        piece = self.decoder.push(token)
+        if not self.started:  # the caption's leading space is not part of the text
+            piece = piece.lstrip()
+            self.started = bool(piece)
+        return piece
+
+    def flush(self) -> str:
+        tail = self.decoder.flush()  # bytes of a character cut off by max_new_tokens
+        if tail and (self.started or tail.strip()):
+            return tail if self.started else tail.lstrip()
+        return ""

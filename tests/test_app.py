@@ -42,11 +42,8 @@ def free_port() -> int:
 
 
 def serve(cap: Captioner, untrained: bool):
-    demo = app.build_demo(cap, untrained).queue(default_concurrency_limit=2)
-    port = free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                show_error=True, ssr_mode=False)
-    return demo, f"http://127.0.0.1:{port}/"
+    demo, engine, url = app.serve(cap, untrained, port=free_port(), block=False, quiet=True)
+    return demo, engine, url
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -85,13 +82,14 @@ def files(tmp_path_factory) -> dict[str, str]:
 def tiny(tiny_app_checkpoint):
     """A random tiny checkpoint loaded back and served on a free port: (captioner, client)."""
     cap = Captioner.from_pretrained(tiny_app_checkpoint, device="cpu")
-    demo, url = serve(cap, untrained=True)
-    yield cap, Client(url, verbose=False), url
+    demo, engine, url = serve(cap, untrained=True)
+    yield cap, Client(url, verbose=False), url, engine
     demo.close()
+    engine.close()
 
 
 def test_caption_endpoint_returns_the_captioners_text_for_every_task(tiny, files):
-    cap, client, _ = tiny
+    cap, client, *_ = tiny
     for task in TASKS:
         got = client.predict(handle_file(files["scene"]), task=task, max_new_tokens=FEW, api_name="/caption")
         assert got == cap.caption(files["scene"], task=task, **AS_APP), task
@@ -105,7 +103,7 @@ def test_caption_endpoint_options_have_defaults(tiny):
 
 
 def test_decoding_modes_reach_the_captioner(tiny, files):
-    cap, client, _ = tiny
+    cap, client, *_ = tiny
     beam = client.predict(handle_file(files["scene"]), mode="beam search", num_beams=3, max_new_tokens=FEW,
                           api_name="/caption")
     assert beam == cap.caption(files["scene"], num_beams=3, max_new_tokens=FEW)
@@ -115,7 +113,7 @@ def test_decoding_modes_reach_the_captioner(tiny, files):
 
 
 def test_grey_and_transparent_images_work(tiny, files):
-    cap, client, _ = tiny
+    cap, client, *_ = tiny
     rgba = Image.open(files["rgba"])
     on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
     expected = {"grey": Image.open(files["grey"]).convert("RGB"), "rgba": on_white}
@@ -136,7 +134,7 @@ def test_grey_and_transparent_images_work(tiny, files):
     ("unknown task", {"task": "poem"}, "poem"),
 ])
 def test_bad_input_is_a_message_and_the_app_keeps_serving(tiny, files, name, kwargs, message):
-    cap, client, _ = tiny
+    cap, client, *_ = tiny
     kwargs = {"image": "scene", **kwargs}
     kwargs["image"] = handle_file(files[kwargs["image"]]) if kwargs["image"] else None
     with pytest.raises(AppError) as err:
@@ -147,7 +145,7 @@ def test_bad_input_is_a_message_and_the_app_keeps_serving(tiny, files, name, kwa
 
 
 def test_stream_ends_with_the_full_text_stats_and_routing(tiny, files):
-    cap, client, _ = tiny
+    cap, client, *_ = tiny
     job = client.submit(handle_file(files["scene"]), "describe", "greedy", 4, 0.7, 1.0, 12, 1.0, False, None,
                         api_name="/caption_stream")
     text, stats, plot = job.result()
@@ -161,9 +159,9 @@ def test_stream_ends_with_the_full_text_stats_and_routing(tiny, files):
 
 
 def test_simultaneous_streams_hopping_threads_match_lone_runs(tiny, files):
-    """Gradio resumes a stream on any free worker thread, next to other users' streams: each step
-    must still run in inference mode, and the MoE's per-module routing counts must not mix users."""
-    shell = app.Shell(tiny[0])
+    """Gradio resumes a stream on any free worker thread, next to other users' streams, which the
+    engine decodes in the same batch: each stream's text and routing counts must be its own."""
+    shell = app.Shell(tiny[0], tiny[3])
     args = ("caption", "greedy", 4, 0.7, 1.0, 12, 1.0, False, -1)
     names = ("scene", "grey", "rgba", "scene", "grey", "rgba")
     alone = [list(shell.stream(files[name], *args))[-1] for name in names[:3]] * 2
@@ -197,7 +195,7 @@ def test_simultaneous_streams_hopping_threads_match_lone_runs(tiny, files):
 
 
 def test_batch_tab_captions_each_file_and_reports_broken_ones(tiny, files):
-    cap, client, _ = tiny
+    cap, client, *_ = tiny
     inputs = [files["scene"], files["broken"], files["grey"]]
     table, summary, csv_path, jsonl_path = client.predict(
         [handle_file(f) for f in inputs], "caption_zh", "greedy", 4, 0.7, 1.0, FEW, 1.0, True, None,
@@ -278,9 +276,10 @@ def test_load_sixteen_clients_all_served_and_consistent(tiny, files):
 def trained():
     """The bundled default model served by the app, and the same model used directly."""
     cap = Captioner.from_pretrained(None, device="cpu")
-    demo, url = serve(cap, untrained=False)
+    demo, engine, url = serve(cap, untrained=False)
     yield Client(url, verbose=False), cap
     demo.close()
+    engine.close()
 
 
 def test_default_model_through_the_api_in_every_task(trained, tmp_path):
@@ -298,3 +297,100 @@ def test_default_model_through_the_api_in_every_task(trained, tmp_path):
             got = client.predict(handle_file(str(path)), task=task, api_name="/caption")
             assert got == cap.caption(str(path), task=task)
             assert got == texts(scene)[task], (task, got)
+
+
+# --- the OpenAI-compatible API, driven by the official client -------------------------------
+
+def data_url(path_or_bytes, media="image/png") -> str:
+    import base64
+
+    data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
+    return f"data:{media};base64," + base64.b64encode(data).decode()
+
+
+def chat(text, url, **extra):
+    parts = ([{"type": "text", "text": text}] if text is not None else []) + \
+        ([{"type": "image_url", "image_url": {"url": url}}] if url is not None else [])
+    return dict(model="any", messages=[{"role": "user", "content": parts}], **extra)
+
+
+@pytest.fixture(scope="module")
+def openai_client(tiny):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=tiny[2] + "v1", api_key="unused", max_retries=0)
+
+
+def test_openai_chat_completion_equals_the_captioner(tiny, files, openai_client):
+    cap = tiny[0]
+    for task, text in (("caption", None), ("describe", "describe"), ("caption_zh", "标题："), ("describe_zh", " describe_zh ")):
+        r = openai_client.chat.completions.create(**chat(text, data_url(files["scene"]), max_tokens=FEW))
+        assert r.choices[0].message.content == cap.caption(files["scene"], task=task, max_new_tokens=FEW), task
+        assert r.choices[0].finish_reason in ("stop", "length") and r.object == "chat.completion"
+        prompt = len(cap.tokenizer.build_prompt(cap.model.cfg.tasks[task], cap.model.num_image_tokens))
+        assert (r.usage.prompt_tokens, r.usage.total_tokens) == (prompt, prompt + r.usage.completion_tokens)
+    models = openai_client.models.list()
+    assert [m.id for m in models.data] == [app.model_id(cap)]
+
+
+def test_openai_stream_and_sampling(tiny, files, openai_client):
+    cap = tiny[0]
+    stream = openai_client.chat.completions.create(**chat("describe", data_url(files["grey"]), max_tokens=FEW,
+                                                          stream=True, stream_options={"include_usage": True}))
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.rstrip("\ufffd") == cap.caption(files["grey"], task="describe", max_new_tokens=FEW).rstrip("\ufffd")
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens >= 1
+    sampled = openai_client.chat.completions.create(**chat("caption", data_url(files["scene"]), max_tokens=FEW,
+                                                           temperature=1.2, top_p=0.9, seed=5))
+    assert sampled.choices[0].message.content == cap.caption(files["scene"], max_new_tokens=FEW, temperature=1.2,
+                                                             top_p=0.9, seed=5)
+
+
+def test_openai_raw_stream_ends_with_done(tiny, files):
+    import httpx
+
+    body = chat("caption", data_url(files["scene"]), max_tokens=3, stream=True)
+    with httpx.stream("POST", tiny[2] + "v1/chat/completions", json=body, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+    assert json.loads(lines[0][6:])["object"] == "chat.completion.chunk"
+
+
+@pytest.mark.parametrize("name, body, status, message", [
+    ("remote url", chat("caption", "https://example.com/a.png"), 400, "fetches no remote URLs"),
+    ("unknown task", "TASK:poem", 400, "caption ('Caption:')"),
+    ("no image", chat("caption", None), 400, "exactly one image_url"),
+    ("not base64", chat("caption", "data:image/png;base64,@@@"), 400, "not valid base64"),
+    ("not an image", "BYTES:text", 400, "not a readable image"),
+    ("pixel bomb", "BYTES:bomb13000", 400, "over the limit"),
+    ("zero tokens", "OPTS:max_tokens=0", 400, "max_tokens"),
+    ("nan temperature", "RAW:NaN", 400, "temperature"),
+    ("two answers", "OPTS:n=2", 400, "n must be 1"),
+    ("not json", "RAW:{", 400, "not valid JSON"),
+    ("no messages", {"model": "m"}, 400, "messages"),
+])
+def test_openai_bad_requests_get_openai_errors(tiny, files, name, body, status, message):
+    import httpx
+
+    scene = data_url(files["scene"])
+    content = None
+    if body == "TASK:poem":
+        body = chat("poem", scene)
+    elif body == "BYTES:text":
+        body = chat("caption", data_url(Path(files["text"]).read_bytes()))
+    elif body == "BYTES:bomb13000":
+        body = chat("caption", data_url(png_header(13000, 13000)))
+    elif isinstance(body, str) and body.startswith("OPTS:"):
+        key, value = body[5:].split("=")
+        body = chat("caption", scene, **{key: int(value)})
+    elif body == "RAW:NaN":
+        content = json.dumps(chat("caption", scene))[:-1] + ', "temperature": NaN}'
+    elif body == "RAW:{":
+        content = "{"
+    r = httpx.post(tiny[2] + "v1/chat/completions", timeout=60,
+                   **({"content": content, "headers": {"content-type": "application/json"}} if content else
+                      {"json": body}))
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] and "Traceback" not in r.text

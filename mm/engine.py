@@ -1,0 +1,298 @@
+"""Continuous batching: one loop owns the model and serves every request in one running batch.
+
+Requests (image, task, decoding options) are checked and preprocessed on the caller's
+thread and wait in a bounded queue; past its limit `submit` refuses with `EngineBusy`,
+never dropping a request silently. At each step boundary the loop
+
+1. drops cancelled requests, and runs beam-search requests as their own group (beams
+   reorder the cache, so they do not share the running batch);
+2. admits waiting requests: their images are encoded and their prompts prefilled
+   together (one task per prefill, since a task fixes the prompt length), the rows are
+   copied into free rows of the engine's cache, and each request's first token chosen;
+3. runs ONE decode forward over all running rows (`lm.Decoder` with per-row positions:
+   rows of different tasks, lengths and ages share the batch), chooses each row's next
+   token with its own options (greedy, or sampling with its own temperature, top-p,
+   repetition penalty and seeded generator), streams it, and retires finished rows at
+   once, moving the last running row into the hole so the running rows stay 0..n-1.
+
+A row's tokens are exactly what `Captioner.caption` gives for the same image and options:
+the same prefill, the same decode forward and the same choice functions (mm/generate.py),
+only batched. A speculative (MTP) request runs as a plain greedy row, which speculation
+reproduces token for token anyway; in a shared batch the drafts would only add work.
+Each request gets its own stats, expert load included, from the per-row routing counts
+that every forward returns.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from mm.captioner import CaptionText, Captioner
+from mm.generate import GenerationConfig, GenerationStats, _choose, _process, _rng, generate
+from vision.preprocess import load_image
+
+
+class EngineBusy(RuntimeError):
+    """The queue is full: the request was refused, not dropped. Try again later."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine has stopped."""
+
+
+class Cancelled(RuntimeError):
+    """The request was cancelled before it finished."""
+
+
+@dataclass
+class RequestResult:
+    text: str
+    tokens: list[int]
+    stats: GenerationStats
+    queued_s: float  # waiting for a row
+    latency_s: float  # submit -> last token
+
+
+@dataclass
+class Request:
+    """A submitted caption: read it with `stream()` (text pieces) or `result()`; `cancel()` frees its row."""
+
+    id: int
+    task: str
+    gen: GenerationConfig
+    pixels: torch.Tensor | None
+    submitted: float = field(default_factory=time.perf_counter)
+    _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    _result: RequestResult | BaseException | None = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Text pieces as they are generated; raises what the request failed with."""
+        while True:
+            kind, value = self._events.get(timeout=timeout)
+            if kind == "piece":
+                yield value
+            else:
+                self._result = value
+                if isinstance(value, BaseException):
+                    raise value
+                return
+
+    def result(self, timeout: float | None = None) -> RequestResult:
+        if self._result is None:
+            for _ in self.stream(timeout):
+                pass
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+
+class _Row:
+    """A running request's decoding state."""
+
+    def __init__(self, req: Request, tokenizer, pos: int, load: torch.Tensor, prefill_s: float):
+        self.req, self.pos = req, pos  # pos: where the next token goes
+        self.gen = req.gen
+        self.rng = _rng(req.gen, load.device)
+        self.tokens: list[int] = []
+        self.text = CaptionText(tokenizer)
+        self.load = load  # [moe layers, E] on the device
+        self.stats = GenerationStats(prefill_s=prefill_s, rows=1)
+        self.started = time.perf_counter()
+
+    @property
+    def plain_greedy(self) -> bool:
+        g = self.gen
+        return g.temperature == 0 and g.repetition_penalty == 1.0 and g.min_new_tokens <= len(self.tokens)
+
+
+class Engine:
+    """The continuous-batching loop over a Captioner's model (see the module docstring)."""
+
+    def __init__(self, captioner: Captioner, max_batch: int = 32, max_queue: int = 256,
+                 max_new_tokens: int = 256):
+        self.cap, self.model, self.dec = captioner, captioner.model, captioner.decoder
+        self.tok = captioner.tokenizer
+        self.max_batch, self.max_new_tokens = max_batch, max_new_tokens
+        self.prefix = {t: captioner._prefix(t, 1)[0] for t in captioner.tasks}
+        longest = max(len(p) for p in self.prefix.values())
+        self.cache = self.dec.new_cache(max_batch, longest + max_new_tokens)
+        self.rows: list[_Row] = []
+        self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self._ids = itertools.count()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mm-engine", daemon=True)
+        self._thread.start()
+
+    # --- the caller's side ----------------------------------------------------------------
+
+    def submit(self, image, task: str = "caption", **options) -> Request:
+        """Queue one image; bad options, task or image raise here, on the caller's thread."""
+        if self._stop.is_set():
+            raise EngineClosed("the engine has stopped")
+        gen = self.cap._gen_config(options)
+        if gen.max_new_tokens > self.max_new_tokens:
+            raise ValueError(f"max_new_tokens must be at most {self.max_new_tokens} here, got {gen.max_new_tokens}")
+        self.model.cfg.prompt(task)  # an unknown task names the known ones
+        pixels = self.cap.transform(load_image(image))
+        req = Request(next(self._ids), task, gen, pixels)
+        try:
+            self.waiting.put_nowait(req)
+        except queue.Full:
+            raise EngineBusy(f"busy: {self.waiting.maxsize} requests are already waiting; try again shortly") from None
+        return req
+
+    def caption(self, image, task: str = "caption", **options) -> str:
+        return self.submit(image, task, **options).result().text
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def busy_rows(self) -> int:
+        return len(self.rows)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with torch.inference_mode():
+                    self._iteration()
+            except Exception as e:  # a failed forward fails its requests, never the server
+                for row in self.rows:
+                    row.req._events.put(("done", e))
+                self.rows.clear()
+        for row in self.rows:
+            row.req._events.put(("done", EngineClosed("the engine stopped before this request finished")))
+        while not self.waiting.empty():
+            self.waiting.get_nowait()._events.put(("done", EngineClosed("the engine stopped")))
+
+    def _iteration(self) -> None:
+        self._retire([r for r in self.rows if r.req.cancelled], Cancelled("cancelled"))
+        new = self._take(block=not self.rows)
+        beams = [r for r in new if r.gen.num_beams > 1]
+        for req in beams:
+            self._run_alone(req)
+        new = [r for r in new if r.gen.num_beams == 1]
+        for task in dict.fromkeys(r.task for r in new):
+            self._admit([r for r in new if r.task == task])
+        if self.rows:
+            self._step()
+
+    def _take(self, block: bool) -> list[Request]:
+        """Waiting requests for the free rows; waits a little for the first when idle."""
+        out = []
+        while len(self.rows) + len(out) < self.max_batch:
+            try:
+                req = self.waiting.get(timeout=0.05) if block and not out else self.waiting.get_nowait()
+            except queue.Empty:
+                break
+            if req.cancelled:
+                req._events.put(("done", Cancelled("cancelled")))
+            else:
+                out.append(req)
+        return out
+
+    def _run_alone(self, req: Request) -> None:
+        """Beam search: its own group, decoded whole between two steps of the batch."""
+        t0 = time.perf_counter()
+        param = next(self.model.parameters())
+        pixels = req.pixels[None].to(device=param.device, dtype=param.dtype)
+        ids, stats = generate(self.model, pixels, self.prefix[req.task][None].to(param.device), req.gen,
+                              self.tok.eos_id, self.dec)
+        text = self.tok.decode(ids[0]).strip()
+        req._events.put(("piece", text))
+        req._events.put(("done", RequestResult(text, ids[0], stats, t0 - req.submitted,
+                                               time.perf_counter() - req.submitted)))
+
+    def _admit(self, reqs: list[Request]) -> None:
+        """Encode and prefill requests of one task together and give each a row."""
+        t0 = time.perf_counter()
+        param = next(self.model.parameters())
+        pixels = torch.stack([r.pixels for r in reqs]).to(device=param.device, dtype=param.dtype)
+        prefix = self.prefix[reqs[0].task].to(param.device).expand(len(reqs), -1)
+        n = prefix.shape[1]
+        embeds = self.model.embed(prefix, self.model.encode_images(pixels))
+        scratch = self.dec.new_cache(len(reqs), n)
+        positions = torch.arange(n, device=param.device).expand(len(reqs), n)
+        out = self.dec(embeds, scratch, positions, bound=n, last_only=True, compiled=False)
+        first = len(self.rows)
+        slots = torch.arange(first, first + len(reqs), device=param.device)
+        self.cache.copy_rows(slots, scratch, torch.arange(len(reqs), device=param.device), n)
+        prefill_s = time.perf_counter() - t0
+        for i, req in enumerate(reqs):
+            self.rows.append(_Row(req, self.tok, n, out.counts[:, i].double(), prefill_s))
+        self._choose_and_emit(self.rows[first:], out.logits[:, -1])
+
+    def _step(self) -> None:
+        n = len(self.rows)
+        dev = self.cache.layers[0].buf.device
+        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=dev)
+        positions = torch.tensor([[r.pos] for r in self.rows], device=dev)
+        bound = self.cache.max_len if self.dec.compiled else max(r.pos for r in self.rows) + 1
+        out = self.dec(self.dec.embed(ids), self.cache.rows(n), positions, bound=bound)
+        for i, row in enumerate(self.rows):
+            row.pos += 1
+            row.load += out.counts[:, i]
+            row.stats.forwards += 1
+        self._choose_and_emit(list(self.rows), out.logits[:, -1])
+
+    def _choose_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token with its own options; stream it; retire finished rows."""
+        eos = self.tok.eos_id
+        chosen = logits.argmax(-1)
+        special = [i for i, r in enumerate(rows) if not r.plain_greedy]
+        if special:
+            chosen = chosen.clone()
+            for i in special:
+                r = rows[i]
+                generated = torch.tensor([r.tokens], dtype=torch.long, device=logits.device).view(1, -1)
+                scores = _process(logits[i:i + 1], generated, len(r.tokens), r.gen, eos)
+                chosen[i] = _choose(scores, r.gen, r.rng)[0]
+        finished = []
+        for row, tok in zip(rows, chosen.tolist()):  # the one host synchronisation of a step
+            row.tokens.append(tok)
+            row.stats.new_tokens += 1
+            if piece := row.text.push(tok):
+                row.req._events.put(("piece", piece))
+            if tok == eos or len(row.tokens) >= row.gen.max_new_tokens:
+                finished.append(row)
+        self._retire(finished, None)
+
+    def _retire(self, rows: list[_Row], error: BaseException | None) -> None:
+        for row in rows:
+            idx = self.rows.index(row)
+            last = len(self.rows) - 1
+            if idx != last:  # keep the running rows at 0..n-1: the last one moves into the hole
+                moved = self.rows[last]
+                self.cache.copy_rows(torch.tensor([idx]), self.cache, torch.tensor([last]), moved.pos)
+                self.rows[idx] = moved
+            self.rows.pop()
+            if error is not None:
+                row.req._events.put(("done", error))
+                continue
+            if tail := row.text.flush():
+                row.req._events.put(("piece", tail))
+            now = time.perf_counter()
+            row.stats.decode_s = now - row.started
+            row.stats.expert_load = row.load.tolist()
+            text = self.tok.decode(row.tokens).strip()
+            row.req._events.put(("done", RequestResult(text, row.tokens, row.stats,
+                                                       row.started - row.stats.prefill_s - row.req.submitted,
+                                                       now - row.req.submitted)))

@@ -20,8 +20,8 @@ import argparse
 import csv
 import html
 import json
-import sys
 import shutil
+import sys
 import tempfile
 import time
 import weakref

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mm.captioner import CaptionText, Captioner
+from mm.captioner import Captioner, CaptionText
 from mm.generate import GenerationConfig, GenerationStats, _choose, _process, _rng, generate
 from vision.preprocess import load_image
 

@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 import weakref
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from mm.captioner import DEFAULT_MODEL_DIR, Captioner
 from mm.engine import Engine, EngineBusy, EngineClosed
 from mm.generate import GenerationStats
 from mm.openai_api import router
-from vision.preprocess import ImageError, load_image
+from vision.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 MAX_NEW_TOKENS = 256
 MAX_BATCH_FILES = 64
@@ -60,6 +61,8 @@ class ImageInput(gr.Image):
 
     def preprocess(self, payload):
         try:
+            if payload is not None and getattr(payload, "path", None):
+                self._check_size(payload)
             return super().preprocess(payload)
         except Image.DecompressionBombError as e:
             raise user_error(f"This image is too large to open safely ({e}).") from None
@@ -67,6 +70,20 @@ class ImageInput(gr.Image):
             name = getattr(payload, "orig_name", None) or "the upload"
             reason = str(e).replace(str(getattr(payload, "path", None)), name)  # no server paths on the page
             raise user_error(f"{name} is not a readable image ({reason}).") from None
+
+
+    @staticmethod
+    def _check_size(payload) -> None:
+        """Refuse from the header, before Gradio decodes the whole picture (a 13000 x 13000 PNG
+        would otherwise cost seconds and gigabytes before any check of ours ran)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(payload.path) as img:
+                width, height = img.size
+        if width * height > DEFAULT_MAX_PIXELS:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise user_error(f"{name}: {width}x{height} = {width * height} pixels is over the limit of "
+                             f"{DEFAULT_MAX_PIXELS} pixels.")
 
 
 class Slider(gr.Slider):

@@ -1,6 +1,7 @@
 """Load test for the Gradio app: many simultaneous API clients on `/caption`.
 
     python benchmarks/app_load.py [--url URL | --checkpoint DIR] [--clients 16] [--requests 4]
+        [--sweep 1 4 16 64 --plot benchmarks/app_load.png] [--compile]
 
 Baseline in the same run: every (image, task) pair is first captioned once, one
 request at a time, through the same endpoint. Then `clients` threads, each with
@@ -37,7 +38,7 @@ def free_port() -> int:
 
 
 def launch(checkpoint=None, max_batch: int = 32, compile: bool = False):
-    """Start the app in this process; -> (close, url)."""
+    """Start the app in this process; -> (close, url, captioner)."""
     sys.path.insert(0, str(ROOT))
     import app
 
@@ -50,7 +51,7 @@ def launch(checkpoint=None, max_batch: int = 32, compile: bool = False):
         demo.close()
         engine.close()
 
-    return close, url
+    return close, url, cap
 
 
 def default_jobs() -> list[tuple[str, str]]:
@@ -61,19 +62,30 @@ def default_jobs() -> list[tuple[str, str]]:
     return [(img, task) for img in images for task in TASKS]
 
 
-def _caption(client, job, max_new_tokens: int) -> tuple[str, float]:
-    from gradio_client import handle_file
+class GradioAPI:
+    """One client of the app's `/caption` endpoint (gradio_client)."""
 
+    def __init__(self, url: str):
+        from gradio_client import Client
+
+        self.client = Client(url, verbose=False)
+
+    def caption(self, job, max_new_tokens: int) -> str:
+        from gradio_client import handle_file
+
+        return self.client.predict(handle_file(job[0]), task=job[1], max_new_tokens=max_new_tokens,
+                                   api_name="/caption")
+
+
+def _caption(api, job, max_new_tokens: int) -> tuple[str, float]:
     t0 = time.perf_counter()
-    text = client.predict(handle_file(job[0]), task=job[1], max_new_tokens=max_new_tokens, api_name="/caption")
+    text = api.caption(job, max_new_tokens)
     return text, time.perf_counter() - t0
 
 
-def baseline(url: str, jobs, max_new_tokens: int) -> tuple[dict, list[float]]:
+def baseline(url: str, jobs, max_new_tokens: int, api=GradioAPI) -> tuple[dict, list[float]]:
     """One request at a time: the reference text of each job and the latencies."""
-    from gradio_client import Client
-
-    client = Client(url, verbose=False)
+    client = api(url)
     texts, latencies = {}, []
     for job in dict.fromkeys(jobs):
         texts[job], seconds = _caption(client, job, max_new_tokens)
@@ -81,14 +93,12 @@ def baseline(url: str, jobs, max_new_tokens: int) -> tuple[dict, list[float]]:
     return texts, latencies
 
 
-def hammer(url: str, jobs, clients: int, requests: int, max_new_tokens: int) -> list[dict]:
+def hammer(url: str, jobs, clients: int, requests: int, max_new_tokens: int, api=GradioAPI) -> list[dict]:
     """`clients` threads x `requests` each, started together; one record per request."""
-    from gradio_client import Client
-
     start = threading.Barrier(clients)
 
     def worker(i: int) -> list[dict]:
-        client = Client(url, verbose=False)
+        client = api(url)
         start.wait()
         out = []
         for j in range(requests):
@@ -104,7 +114,8 @@ def hammer(url: str, jobs, clients: int, requests: int, max_new_tokens: int) -> 
         return [r for rs in pool.map(worker, range(clients)) for r in rs]
 
 
-def summarize(records: list[dict], reference: dict, base_latencies: list[float], wall_s: float) -> dict:
+def summarize(records: list[dict], reference: dict, base_latencies: list[float], wall_s: float,
+              tokens: dict | None = None) -> dict:
     ok = [r for r in records if r["error"] is None]
     wrong = [r for r in ok if r["text"] != reference[r["job"]]]
     lat = np.array([r["seconds"] for r in ok]) if ok else np.array([np.nan])
@@ -115,21 +126,43 @@ def summarize(records: list[dict], reference: dict, base_latencies: list[float],
         "max_s": round(float(lat.max()), 4), "throughput_rps": round(len(ok) / wall_s, 3),
         "baseline_p50_s": round(float(np.percentile(base, 50)), 4),
         "baseline_rps": round(len(base) / float(base.sum()), 3),
+        "tokens_per_s": round(sum(tokens[r["job"]] for r in ok) / wall_s, 1) if tokens else None,
         "errors": sorted({r["error"] for r in records if r["error"]})[:3],
         "mismatches": [{"job": r["job"], "got": r["text"], "want": reference[r["job"]]} for r in wrong[:3]],
     }
 
 
-def run_load(url: str, jobs, clients: int = 16, requests: int = 4, max_new_tokens: int = 32) -> dict:
-    reference, base_latencies = baseline(url, jobs, max_new_tokens)
+def run_load(url: str, jobs, clients: int = 16, requests: int = 4, max_new_tokens: int = 32, api=GradioAPI,
+             reference=None, tokens=None) -> dict:
+    """Baseline (unless given) then the concurrent phase; the summary with the answers checked."""
+    if reference is None:
+        reference = baseline(url, jobs, max_new_tokens, api)
     t0 = time.perf_counter()
-    records = hammer(url, jobs, clients, requests, max_new_tokens)
-    result = summarize(records, reference, base_latencies, time.perf_counter() - t0)
-    return {"bench": "app_load", "clients": clients, "requests_per_client": requests,
+    records = hammer(url, jobs, clients, requests, max_new_tokens, api)
+    result = summarize(records, reference[0], reference[1], time.perf_counter() - t0, tokens)
+    return {"bench": "app_load", "api": api.__name__, "clients": clients, "requests_per_client": requests,
             "max_new_tokens": max_new_tokens, **result}
 
 
-def main(argv=None) -> int:
+def plot(rows: list[dict], path: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 3.2), layout="constrained")
+    ax = fig.add_subplot()
+    clients = [r["clients"] for r in rows]
+    ax.plot(clients, [r["throughput_rps"] for r in rows], "o-", label="requests/s")
+    ax.axhline(rows[0]["baseline_rps"], color="gray", ls="--", label="one at a time")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("requests/s")
+    ax2 = ax.twinx()
+    ax2.plot(clients, [r["p95_s"] for r in rows], "s:", color="tab:red", label="p95 latency (s)")
+    ax2.set_ylabel("p95 latency (s)")
+    fig.legend(loc="upper left", fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None, api=GradioAPI, name: str = "app_load") -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default=None, help="a running app (default: launch one here)")
     p.add_argument("--checkpoint", default=None, help="checkpoint for the launched app (default: bundled model)")
@@ -137,18 +170,33 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32, help="the launched app's engine batch")
+    p.add_argument("--compile", action="store_true", help="the launched app compiles its decode step")
+    p.add_argument("--sweep", type=int, nargs="*", default=[], help="also run these client counts (a table)")
+    p.add_argument("--plot", default=None, help="with --sweep: save throughput and p95 vs clients here (PNG)")
     args = p.parse_args(argv)
-    close, url = (None, args.url) if args.url else launch(args.checkpoint, args.max_batch)
+    close, url, cap = (None, args.url, None) if args.url else launch(args.checkpoint, args.max_batch, args.compile)
+    jobs = default_jobs()
     try:
-        result = run_load(url, default_jobs(), args.clients, args.requests, args.max_new_tokens)
+        reference = baseline(url, jobs, args.max_new_tokens, api)
+        # tokens per answer, for tokens/s: counted by the same model in this process (greedy: the same text)
+        tokens = {job: cap.run(job[0], job[1], max_new_tokens=args.max_new_tokens).stats.new_tokens
+                  for job in dict.fromkeys(jobs)} if cap is not None else None
+        result = run_load(url, jobs, args.clients, args.requests, args.max_new_tokens, api, reference, tokens)
+        sweep = [run_load(url, jobs, n, args.requests, args.max_new_tokens, api, reference, tokens)
+                 for n in args.sweep]
     finally:
         if close is not None:
             close()
-    print(f"{result['ok']}/{result['requests']} ok, {result['correct']} correct; "
-          f"p50 {result['p50_s']:.3f} s, p95 {result['p95_s']:.3f} s, {result['throughput_rps']} req/s "
-          f"(one at a time: p50 {result['baseline_p50_s']:.3f} s, {result['baseline_rps']} req/s)")
-    print(json.dumps(result, ensure_ascii=False))
-    return 0 if result["correct"] == result["requests"] else 1
+    for r in [result, *sweep]:
+        print(f"{r['clients']:3} clients: {r['ok']}/{r['requests']} ok, {r['correct']} correct; "
+              f"p50 {r['p50_s']:.3f} s, p95 {r['p95_s']:.3f} s, {r['throughput_rps']} req/s "
+              f"({r['tokens_per_s']} tokens/s) = "
+              f"{r['throughput_rps'] / r['baseline_rps']:.1f}x one at a time "
+              f"(p50 {r['baseline_p50_s']:.3f} s, {r['baseline_rps']} req/s)")
+    if sweep and args.plot:
+        plot(sweep, args.plot)
+    print(json.dumps({**result, "bench": name, "sweep": sweep}, ensure_ascii=False))
+    return 0 if all(r["correct"] == r["requests"] for r in [result, *sweep]) else 1
 
 
 if __name__ == "__main__":

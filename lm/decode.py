@@ -154,7 +154,7 @@ class _MoE:
         self.shared = _MLP(moe.shared_experts, dtype) if moe.shared_experts is not None else None
         self.gather_limit = gather_limit
 
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
         b, t, d = x.shape
         flat = x.view(-1, d)
         weights, idx, _ = route(F.linear(flat.float(), self.gate), self.bias, self.cfg)
@@ -168,7 +168,9 @@ class _MoE:
         if self.shared is not None:
             y = y + self.shared(flat)
         counts = flat.new_zeros(b, self.n_experts, dtype=torch.float32)
-        counts.scatter_add_(1, idx.view(b, t * k), counts.new_ones(1).expand(b, t * k))
+        ones = counts.new_ones(1).expand(b, t * k) if valid is None else \
+            valid.view(b, t, 1).expand(b, t, k).reshape(b, t * k).float()
+        counts.scatter_add_(1, idx.view(b, t * k), ones)
         return y.view(b, t, d), counts
 
     def _gathered(self, x, weights, idx):
@@ -211,11 +213,11 @@ class _Block:
         self.is_moe = isinstance(block.ffn, MoE)
         self.ffn = _MoE(block.ffn, dtype, gather_limit) if self.is_moe else _MLP(block.ffn, dtype)
 
-    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound):
+    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound, valid=None):
         x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), c, s, buf, rows, positions, mask_bias, bound)
         h = rms_norm(x, self.ffn_norm, self.eps)
         if self.is_moe:
-            y, counts = self.ffn(h)
+            y, counts = self.ffn(h, valid)
             return x + y, counts
         return x + self.ffn(h), None
 
@@ -279,11 +281,13 @@ class Decoder:
         return self._rows[b], slots, bound
 
     def forward(self, embeds: torch.Tensor, cache: KVCache, positions: torch.Tensor,
-                bound: int | None = None, last_only: bool = False, compiled: bool = True) -> DecodeOutput:
+                bound: int | None = None, last_only: bool = False, compiled: bool = True,
+                valid: torch.Tensor | None = None) -> DecodeOutput:
+        """valid [B, T] bool: the tokens that count in the routing counts (None: all)."""
         rows, slots, bound = self._inputs(cache.max_len, positions, bound)
         bufs = [cache.layer(i).buf for i in range(self.n_main)]
         fn = self._forward if compiled else self._forward_eager
-        logits, hidden, counts = fn(embeds, bufs, rows, positions, slots, last_only)
+        logits, hidden, counts = fn(embeds, bufs, rows, positions, slots, last_only, valid)
         return DecodeOutput(logits, hidden, counts)
 
     __call__ = forward
@@ -295,12 +299,12 @@ class Decoder:
         mask_bias.masked_fill_(slots > positions[..., None], float("-inf"))
         return c, s, mask_bias[:, :, None]  # [B, T, 1, S]: the same for every head
 
-    def _forward_eager(self, x, bufs, rows, positions, slots, last_only: bool):
+    def _forward_eager(self, x, bufs, rows, positions, slots, last_only: bool, valid=None):
         c, s, mask_bias = self._prepare(positions, slots)
         bound = slots.shape[0]
         counts = []
         for block, buf in zip(self.blocks, bufs):
-            x, n = block(x, c, s, buf, rows, positions, mask_bias, bound)
+            x, n = block(x, c, s, buf, rows, positions, mask_bias, bound, valid)
             if n is not None:
                 counts.append(n)
         h = x[:, -1:] if last_only else x

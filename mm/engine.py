@@ -5,7 +5,8 @@ thread and wait in a bounded queue; past its limit `submit` refuses with `Engine
 never dropping a request silently. At each step boundary the loop
 
 1. drops cancelled requests, and runs beam-search requests as their own group (beams
-   reorder the cache, so they do not share the running batch);
+   reorder the cache, so they do not share the running batch), as well as a speculative
+   request that arrives alone;
 2. admits waiting requests: their images are encoded and their prompts prefilled
    together (one task per prefill, since a task fixes the prompt length), the rows are
    copied into free rows of the engine's cache, and each request's first token chosen;
@@ -17,8 +18,9 @@ never dropping a request silently. At each step boundary the loop
 
 A row's tokens are exactly what `Captioner.caption` gives for the same image and options:
 the same prefill, the same decode forward and the same choice functions (mm/generate.py),
-only batched. A speculative (MTP) request runs as a plain greedy row, which speculation
-reproduces token for token anyway; in a shared batch the drafts would only add work.
+only batched. A speculative (MTP) request runs with its drafts while it is the only request
+(a lone user gets the speculative speed-up) and otherwise as a plain greedy row, which
+speculation reproduces token for token anyway; in a shared batch drafts only add work.
 Each request gets its own stats, expert load included, from the per-row routing counts
 that every forward returns.
 """
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mm.captioner import Captioner, CaptionText
-from mm.generate import GenerationConfig, GenerationStats, _choose, _process, _rng, generate
+from mm.generate import GenerationConfig, GenerationStats, _choose, _process, _rng, generate, stream_tokens
 from vision.preprocess import load_image
 
 
@@ -186,12 +188,15 @@ class Engine:
     def _iteration(self) -> None:
         self._retire([r for r in self.rows if r.req.cancelled], Cancelled("cancelled"))
         new = self._take(block=not self.rows)
-        beams = [r for r in new if r.gen.num_beams > 1]
-        for req in beams:
+        # Beams run as their own group; a speculative request runs alone while it IS alone
+        # (nothing running, nothing else arriving), and as a plain greedy row under load.
+        alone = [r for r in new if r.gen.num_beams > 1 or (len(new) == 1 and not self.rows
+                                                           and r.gen.uses_speculation(self.model))]
+        for req in alone:
             self._run_alone(req)
-        new = [r for r in new if r.gen.num_beams == 1]
-        for task in dict.fromkeys(r.task for r in new):
-            self._admit([r for r in new if r.task == task])
+        new = [r for r in new if r not in alone]
+        if new:
+            self._admit(new)
         if self.rows:
             self._step()
 
@@ -210,35 +215,57 @@ class Engine:
         return out
 
     def _run_alone(self, req: Request) -> None:
-        """Beam search: its own group, decoded whole between two steps of the batch."""
+        """Beam search or MTP speculation, decoded whole between two steps of the batch. Beams
+        arrive at the end; speculation streams per verification round."""
         t0 = time.perf_counter()
         param = next(self.model.parameters())
         pixels = req.pixels[None].to(device=param.device, dtype=param.dtype)
-        ids, stats = generate(self.model, pixels, self.prefix[req.task][None].to(param.device), req.gen,
-                              self.tok.eos_id, self.dec)
-        text = self.tok.decode(ids[0]).strip()
-        req._events.put(("piece", text))
-        req._events.put(("done", RequestResult(text, ids[0], stats, t0 - req.submitted,
+        prefix = self.prefix[req.task][None].to(param.device)
+        if req.gen.num_beams > 1:
+            ids, stats = generate(self.model, pixels, prefix, req.gen, self.tok.eos_id, self.dec)
+            tokens = ids[0]
+            req._events.put(("piece", self.tok.decode(tokens).strip()))
+        else:
+            stats, text, tokens = GenerationStats(), CaptionText(self.tok), []
+            for step in stream_tokens(self.model, pixels, prefix, req.gen, self.tok.eos_id, stats, self.dec):
+                if req.cancelled:
+                    req._events.put(("done", Cancelled("cancelled")))
+                    return
+                tokens += step[0]
+                if piece := "".join(text.push(t) for t in step[0]):
+                    req._events.put(("piece", piece))
+            if tail := text.flush():
+                req._events.put(("piece", tail))
+        req._events.put(("done", RequestResult(self.tok.decode(tokens).strip(), tokens, stats, t0 - req.submitted,
                                                time.perf_counter() - req.submitted)))
 
     def _admit(self, reqs: list[Request]) -> None:
-        """Encode and prefill requests of one task together and give each a row."""
+        """Encode and prefill new requests together and give each a row. Prompts of different
+        tasks differ in length: shorter ones are padded at the end, where causal attention
+        keeps the padding out of every real token's view and decoding later overwrites it."""
         t0 = time.perf_counter()
         param = next(self.model.parameters())
-        pixels = torch.stack([r.pixels for r in reqs]).to(device=param.device, dtype=param.dtype)
-        prefix = self.prefix[reqs[0].task].to(param.device).expand(len(reqs), -1)
-        n = prefix.shape[1]
+        dev = param.device
+        lengths = [len(self.prefix[r.task]) for r in reqs]
+        n, m = max(lengths), len(reqs)
+        prefix = torch.full((m, n), self.tok.eos_id, dtype=torch.long, device=dev)
+        for i, r in enumerate(reqs):
+            prefix[i, : lengths[i]] = self.prefix[r.task]
+        pixels = torch.stack([r.pixels for r in reqs]).to(device=dev, dtype=param.dtype)
         embeds = self.model.embed(prefix, self.model.encode_images(pixels))
-        scratch = self.dec.new_cache(len(reqs), n)
-        positions = torch.arange(n, device=param.device).expand(len(reqs), n)
-        out = self.dec(embeds, scratch, positions, bound=n, last_only=True, compiled=False)
+        scratch = self.dec.new_cache(m, n)
+        real = torch.arange(n, device=dev) < torch.tensor(lengths, device=dev)[:, None]  # [m, n]
+        out = self.dec(embeds, scratch, torch.arange(n, device=dev).expand(m, n), bound=n, compiled=False,
+                       valid=real)
         first = len(self.rows)
-        slots = torch.arange(first, first + len(reqs), device=param.device)
-        self.cache.copy_rows(slots, scratch, torch.arange(len(reqs), device=param.device), n)
+        self.cache.copy_rows(torch.arange(first, first + m, device=dev), scratch, torch.arange(m, device=dev), n)
+        last = torch.tensor(lengths, device=dev) - 1
+        logits = out.logits[torch.arange(m, device=dev), last]  # each row's last real token
+        counts = out.counts.double()
         prefill_s = time.perf_counter() - t0
-        for i, req in enumerate(reqs):
-            self.rows.append(_Row(req, self.tok, n, out.counts[:, i].double(), prefill_s))
-        self._choose_and_emit(self.rows[first:], out.logits[:, -1])
+        for i, req in enumerate(reqs):  # (the padding's routing is not counted: valid=real)
+            self.rows.append(_Row(req, self.tok, lengths[i], counts[:, i], prefill_s))
+        self._choose_and_emit(self.rows[first:], logits)
 
     def _step(self) -> None:
         n = len(self.rows)

@@ -65,7 +65,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("inputs")
     scene = render(sample_scene(sample_rng("test", 0, 7)))
     paths = {"scene": d / "scene.png", "grey": d / "grey.png", "rgba": d / "rgba.png", "text": d / "notes.txt",
-             "broken": d / "broken.png", "bomb": d / "bomb.png", "huge": d / "huge.png"}
+             "broken": d / "broken.png", "bomb": d / "bomb.png", "huge": d / "huge.png",
+             "huge13000": d / "huge13000.png"}
     scene.save(paths["scene"])
     scene.convert("L").save(paths["grey"])
     rgba = scene.convert("RGBA")
@@ -75,6 +76,8 @@ def files(tmp_path_factory) -> dict[str, str]:
     paths["broken"].write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     paths["bomb"].write_bytes(png_header(20000, 20000))  # over PIL's own bomb guard
     paths["huge"].write_bytes(png_header(9000, 8000))  # under PIL's guard, over the app's pixel cap
+    # decoded, this header would fail as truncated: "over the limit" shows the header was read first
+    paths["huge13000"].write_bytes(png_header(13000, 13000))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -128,6 +131,7 @@ def test_grey_and_transparent_images_work(tiny, files):
     ("broken png", {"image": "broken"}, "is not a readable image"),
     ("bomb over PIL's guard", {"image": "bomb"}, "too large to open safely"),
     ("huge under PIL's guard", {"image": "huge"}, "over the limit of"),
+    ("13000 x 13000, refused from its header", {"image": "huge13000"}, "over the limit of"),
     ("too many tokens", {"max_new_tokens": 1000}, "Max new tokens"),
     ("zero tokens", {"max_new_tokens": 0}, "Max new tokens"),
     ("beams without beams", {"mode": "beam search", "num_beams": 1}, "Beams"),

@@ -29,13 +29,17 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
 
 
 def serve(cap: Captioner, untrained: bool):
+    """The app on a free port -> (close, url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    demo = app.build_demo(cap, untrained).queue(default_concurrency_limit=2)
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-                show_error=True, ssr_mode=False)
-    return demo, f"http://127.0.0.1:{port}/"
+    demo, engine, url = app.serve(cap, untrained, port=port, block=False, quiet=True)
+
+    def close():
+        demo.close()
+        engine.close()
+
+    return close, url
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +64,9 @@ def browser():
 @pytest.fixture(scope="module")
 def tiny(tiny_app_checkpoint):
     cap = Captioner.from_pretrained(tiny_app_checkpoint, device="cpu")
-    demo, url = serve(cap, untrained=True)
+    close, url = serve(cap, untrained=True)
     yield cap, url
-    demo.close()
+    close()
 
 
 def caption_in_page(browser, url: str, image: str, screenshot: str) -> tuple[str, str, object]:
@@ -104,11 +108,11 @@ def test_clicking_without_an_image_shows_a_message(browser, tiny):
 
 def test_default_model_caption_in_the_browser(browser, scene_png):
     cap = Captioner.from_pretrained(None, device="cpu")
-    demo, url = serve(cap, untrained=False)
+    close, url = serve(cap, untrained=False)
     try:
         text, _, page = caption_in_page(browser, url, scene_png[0], "app-default.png")
         page.close()
     finally:
-        demo.close()
+        close()
     assert text == cap.caption(scene_png[0], task="caption")
     assert text == texts(scene_png[1])["caption"]

@@ -41,7 +41,7 @@ from mm.tokenizer import Tokenizer
 from train import dist as D
 from train import pipeline_checkpoint as C
 from train import trainer as T
-from train.checkpoints import latest_checkpoint
+from train.checkpoints import latest_checkpoint, resume_from
 from train.config import TrainConfig
 from train.metrics_log import RunLog
 from train.pipeline_stages import (
@@ -245,9 +245,9 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     say = (lambda m: T.tqdm.write(m)) if info.is_main else (lambda m: None)
-    tokenizer = tokenizer or T.build_tokenizer(cfg, info, out_dir)
+    tokenizer = tokenizer or T.build_tokenizer(cfg, info, out_dir, say)
     model = model or T.build_model(cfg, tokenizer)
-    ckpt = T.resume_point(model, cfg, info, resume, say)
+    candidates = T.resume_point(model, cfg, info, resume, say)
     # device, channels_last and FP8 as the trainer does; no DDP wrapping (single-process info)
     model = T.prepare(model, cfg, D.DistInfo(device=info.device), log=say)
     transform, n_image = T.image_transform(model), model.num_image_tokens
@@ -258,12 +258,13 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
         f"{cfg.pipeline.microbatches} microbatches; this rank runs stages {pipe.stage_ids}")
     opt, sched = T.build_optimizer(pipe.parts, cfg)
     state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
-    if ckpt is not None:
-        state = C.load(pipe, ckpt, opt, sched)
+    if candidates:
+        ckpt, state = resume_from(candidates, lambda p: C.load(pipe, p, opt, sched), say)
         say(f"resumed from {ckpt} at step {state['step']}")
     stream = T.DataStream(cfg, cfg.data.train, tokenizer, n_image, transform, grid.data_info,
                           position=state["data"])
     runlog = RunLog(out_dir, info.is_main, cfg.tensorboard)
+    runlog.start_at(state["step"])
     pipe.parts.train()
     window, t0, last = [], time.perf_counter(), None
     while state["step"] < cfg.optim.max_steps:

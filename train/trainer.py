@@ -22,13 +22,22 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import lm
+from lm.config import ConfigError
 from mm.model import CaptionModel
+from mm.samples import DataErrors, expand_urls
 from mm.tokenizer import Tokenizer
 from train import dist as D
-from train.checkpoints import latest_checkpoint, load_train_state, save_training_checkpoint
+from train.checkpoints import (
+    latest_checkpoint,
+    load_train_state,
+    resume_candidates,
+    resume_from,
+    save_training_checkpoint,
+)
 from train.config import TrainConfig
+from train.data import check_shards
 from train.metrics_log import RunLog
-from train.stream import DataStream, read_texts
+from train.stream import DataStream, read_texts, split_urls
 from vision.preprocess import build_transform
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -38,14 +47,30 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite losses: the run stops instead of drifting."""
 
 
-def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path) -> Tokenizer:
+def check_runnable(cfg: TrainConfig) -> None:
+    """What the config alone cannot check, before any work: the shards and the tokenizer file."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give the training shards (e.g. 'data/train-{000000..000009}.tar')")
+    for name in ("train", "val") if cfg.data.val else ("train",):
+        try:
+            check_shards(expand_urls(split_urls(getattr(cfg.data, name))))
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data.{name}: {e}") from e
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        raise ConfigError(f"tokenizer: {cfg.tokenizer} does not exist")
+
+
+def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path, say=print) -> Tokenizer:
     if cfg.tokenizer:
         return Tokenizer.from_file(cfg.tokenizer)
     path = out_dir / "tokenizer.json"
     if info.is_main and not path.exists():
-        texts = read_texts(cfg.data.train, cfg.data.tasks, cfg.tokenizer_samples)
+        skipped = DataErrors()
+        texts = read_texts(cfg.data.train, cfg.data.tasks, cfg.tokenizer_samples, skipped)
+        say(f"tokenizer: trained on {len(texts)} texts; {skipped.summary()}")
         if not texts:
-            raise ValueError(f"no captions found in {cfg.data.train!r} to train a tokenizer on")
+            raise ConfigError(f"data.train: no usable texts in {cfg.data.train!r} to train a tokenizer on "
+                              f"({skipped.summary()})")
         out_dir.mkdir(parents=True, exist_ok=True)
         Tokenizer.train(texts, vocab_size=cfg.tokenizer_vocab).save(path)
     D.barrier(info)
@@ -185,6 +210,7 @@ def _plain_precision(raw, cfg: TrainConfig):
 def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | None = None,
           tokenizer: Tokenizer | None = None, export: str | None = None) -> Path:
     """Run (or continue) a training run; returns the final checkpoint directory."""
+    check_runnable(cfg)
     if cfg.pipeline.stages > 1:
         from train import pipeline
 
@@ -194,19 +220,20 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     say = (lambda m: tqdm.write(m)) if info.is_main else (lambda m: None)
-    tokenizer = tokenizer or build_tokenizer(cfg, info, out_dir)
+    tokenizer = tokenizer or build_tokenizer(cfg, info, out_dir, say)
     model = model or build_model(cfg, tokenizer)
     raw = model
-    ckpt = resume_point(raw, cfg, info, resume, say)
+    candidates = resume_point(raw, cfg, info, resume, say)
     model = prepare(model, cfg, info, log=say)
     opt, sched = build_optimizer(raw, cfg)
     state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
-    if ckpt is not None:
-        state = load_train_state(ckpt, raw, opt, sched, info)
+    if candidates:
+        ckpt, state = resume_from(candidates, lambda p: load_train_state(p, raw, opt, sched, info), say)
         say(f"resumed from {ckpt} at step {state['step']}")
     stream = DataStream(cfg, cfg.data.train, tokenizer, raw.num_image_tokens, image_transform(raw), info,
                         position=state["data"])
     runlog = RunLog(out_dir, info.is_main, cfg.tensorboard)
+    runlog.start_at(state["step"])
     _describe(raw, say)
     model.train()
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not info.is_main,
@@ -241,8 +268,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.optim.max_steps:
             last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
     bar.close()
-    if stream.errors_seen():
-        say(f"data: {stream.error_summary()}")
+    say(stream.data_errors().summary())
     if last is None:
         last = latest_checkpoint(out_dir)
     if export and info.is_main:
@@ -253,12 +279,13 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     return last
 
 
-def resume_point(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, resume: str | None, say) -> Path | None:
-    """The checkpoint to resume from; None starts a fresh run, whose encoder gets the warm-up first."""
-    ckpt = latest_checkpoint(Path(cfg.out_dir)) if resume == "auto" else (Path(resume) if resume else None)
-    if ckpt is None and cfg.vision_warmup.steps > 0:
+def resume_point(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, resume: str | None, say) -> list[Path]:
+    """The checkpoints to try resuming from, in order (see resume_from); none starts a fresh run,
+    whose encoder gets the warm-up first."""
+    candidates = resume_candidates(cfg.out_dir, resume)
+    if not candidates and cfg.vision_warmup.steps > 0:
         warm_up(raw, cfg, info, say)
-    return ckpt
+    return candidates
 
 
 def warm_up(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, say) -> dict[str, float]:
@@ -295,7 +322,9 @@ def _log_record(window, seconds, state, sched, stream, info) -> dict:
         rec["expert_load_max_over_mean"] = lm.max_over_mean(torch.stack(loads).sum(0))
         rec["expert_load_last_step"] = done[-1]["load_max_over_mean"]
     rec["skipped_steps"] = state["skipped"]
-    rec["data_errors"] = stream.errors_seen()
+    skipped = stream.data_errors()
+    rec["data_errors"] = skipped.total
+    rec["data_errors_by_reason"] = dict(skipped.counts)
     return rec
 
 

@@ -109,8 +109,8 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{source}: refused as a decompression bomb by PIL ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for unreadable data
-        raise ImageError(f"{source}: not a readable image ({e})") from e
+    except Exception as e:  # PIL's plugins raise OSError, SyntaxError, ValueError, struct.error, ... on bad bytes
+        raise ImageError(f"{source}: not a readable image ({type(e).__name__}: {e})") from e
     width, height = img.size
     if width == 0 or height == 0:
         raise ImageError(f"{source}: zero-size image ({width}x{height})")
@@ -124,8 +124,8 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # skip exif_transpose's copy when upright
             img = ImageOps.exif_transpose(img)
         return to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{source}: cannot decode ({e})") from e
+    except Exception as e:
+        raise ImageError(f"{source}: cannot decode ({type(e).__name__}: {e})") from e
 
 
 class ImageTransform:

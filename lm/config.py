@@ -201,12 +201,28 @@ class LMConfig(ConfigBase):
             (self.mtp_depths == 0 or (self.num_nextn_predict_layers > 0
                                       and self.mtp_depths >= self.num_nextn_predict_layers),
              "mtp_depths must be 0 or at least num_nextn_predict_layers (>= 1)"),
-            (self.rope_scaling is None or isinstance(self.rope_scaling.get("type", self.rope_scaling.get("rope_type")), str),
-             "rope_scaling needs a 'type' (only 'yarn' is supported)"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"LMConfig: {msg}")
+        if self.rope_scaling is not None:
+            self._check_yarn(self.rope_scaling)
+
+    @staticmethod
+    def _check_yarn(rs: dict) -> None:
+        """YaRN is the only rope scaling: its two required numbers present, every number finite."""
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        kind = rs.get("type", rs.get("rope_type"))
+        problems = [] if kind == "yarn" else [f"type must be 'yarn', got {kind!r}"]
+        problems += [f"{k} must be a number > 0, got {rs.get(k)!r}" for k in ("factor", "original_max_position_embeddings")
+                     if not (number(rs.get(k)) and rs[k] > 0)]
+        problems += [f"{k} must be a number or null, got {rs[k]!r}" for k in ("beta_fast", "beta_slow", "mscale",
+                                                                              "mscale_all_dim")
+                     if rs.get(k) is not None and not number(rs[k])]
+        if problems:
+            raise ConfigError("LMConfig.rope_scaling: " + "; ".join(problems))
 
     def _check_ranges(self) -> None:
         positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

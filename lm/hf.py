@@ -291,10 +291,10 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device="c
         raise CheckpointError(f"load_hf: {path / 'config.json'}: {e}") from e
     files = _weight_files(path)
     headers = _read_headers(files)
+    _check_layers(cfg, headers, path)
     if cfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in headers):
         warnings.warn(f"load_hf: {path} has no MTP weights; loading without MTP modules", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    _check_layers(cfg, headers, path)
     with torch.device("meta"):
         model = Transformer(cfg)
     meta = {k: t for k, t in model.state_dict().items() if not (k == "head.weight" and cfg.tie_word_embeddings)}

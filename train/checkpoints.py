@@ -58,7 +58,8 @@ def save_training_checkpoint(raw, tokenizer, opt, sched, state, cfg, info) -> Pa
             (tmp / "train_state").mkdir()
             torch.save({
                 "step": state["step"], "data": state["data"], "bad_steps": state["bad_steps"],
-                "skipped": state["skipped"], "optimizer": optim_state, "scheduler": sched.state_dict(),
+                "skipped": state["skipped"], "log_window": state.get("log_window", []),
+                "optimizer": optim_state, "scheduler": sched.state_dict(),
                 "rng_torch": torch.get_rng_state(), "rng_python": list(random.getstate()[1]),
                 "rng_python_version": random.getstate()[0], "rng_python_gauss": random.getstate()[2],
                 "train_config": cfg.to_dict(),
@@ -165,7 +166,14 @@ def load_train_state(path, raw, opt, sched, info) -> dict:
         apply_state(path, lambda: opt.load_state_dict(blob["optimizer"]))
     apply_state(path, lambda: sched.load_state_dict(blob["scheduler"]))
     apply_state(path, lambda: restore_rng(blob))
-    return {k: blob[k] for k in ("step", "data", "bad_steps", "skipped")}
+    return run_state(blob)
+
+
+def run_state(blob: dict) -> dict:
+    """The trainer's state from a saved one; the carried log window's throughput counts are this
+    process's only, so they restart at zero (older checkpoints carry no window)."""
+    window = [dict(w, tokens=0, images=0) for w in blob.get("log_window", [])]
+    return {k: blob[k] for k in ("step", "data", "bad_steps", "skipped")} | {"log_window": window}
 
 
 def apply_state(path: Path, restore: Callable[[], None]) -> None:

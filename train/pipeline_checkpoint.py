@@ -21,7 +21,7 @@ import torch.distributed as dist
 from mm.checkpoint import CheckpointError, load_state_strict
 from train import dist as D
 from train import trainer as T
-from train.checkpoints import STATE_FILE, apply_state, read_train_state, restore_rng
+from train.checkpoints import STATE_FILE, apply_state, read_train_state, restore_rng, run_state
 
 PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")  # LR-scheduler entries that hold one value per group
 
@@ -129,4 +129,4 @@ def load(pipe, path, opt, sched) -> dict:
     load_optim_state(opt, pipe.parts, blob["optimizer"], pipe.full_groups, str(path / STATE_FILE))
     apply_state(path, lambda: load_sched_state(sched, opt, pipe.parts, blob["scheduler"], pipe.full_groups))
     apply_state(path, lambda: restore_rng(blob))
-    return {k: blob[k] for k in ("step", "data", "bad_steps", "skipped")}
+    return run_state(blob)

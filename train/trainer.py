@@ -226,7 +226,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     candidates = resume_point(raw, cfg, info, resume, say)
     model = prepare(model, cfg, info, log=say)
     opt, sched = build_optimizer(raw, cfg)
-    state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
+    state = fresh_state()
     if candidates:
         ckpt, state = resume_from(candidates, lambda p: load_train_state(p, raw, opt, sched, info), say)
         say(f"resumed from {ckpt} at step {state['step']}")
@@ -238,33 +238,25 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     model.train()
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not info.is_main,
                dynamic_ncols=True, desc="train")
-    window, t0 = [], time.perf_counter()
-    last = None
+    t0, last = time.perf_counter(), None
     while state["step"] < cfg.optim.max_steps:
         stats = train_step(model, opt, sched, stream, cfg, info)
-        state["step"] += 1
-        state["data"] = stream.position()
-        if stats["skipped"]:
-            state["skipped"] += 1
-            state["bad_steps"] += 1
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
-                raise TrainingStopped(
-                    f"{state['bad_steps']} consecutive steps had a non-finite loss (step {state['step']}); "
-                    f"the last good weights are saved in {last}. Lower optim.lr or check the data."
-                )
-        else:
-            state["bad_steps"] = 0
-        window.append(stats)
+        count_step(state, stats, stream)
+        if state["bad_steps"] >= cfg.max_bad_steps:
+            last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
+            raise TrainingStopped(
+                f"{state['bad_steps']} consecutive steps had a non-finite loss (step {state['step']}); "
+                f"the last good weights are saved in {last}. Lower optim.lr or check the data."
+            )
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.max_steps:
-            record = _log_record(window, time.perf_counter() - t0, state, sched, stream, info)
+            record = _log_record(state["log_window"], time.perf_counter() - t0, state, sched, stream, info)
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 record["val_loss"] = evaluate(model, cfg, tokenizer, info)
             runlog.write(record)
             bar.set_postfix(loss=f"{record['loss_main']:.3f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", img_s=f"{record['images_per_s']:.1f}")
-            window, t0 = [], time.perf_counter()
+            state["log_window"], t0 = [], time.perf_counter()
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.optim.max_steps:
             last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
     bar.close()
@@ -277,6 +269,20 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
         say(f"exported {export_model(raw, tokenizer, export, cfg, state)}")
     D.barrier(info)
     return last
+
+
+def fresh_state() -> dict:
+    """The run state a checkpoint saves; `log_window` holds the steps since the last log record, so
+    a resumed run's first record averages the same steps as an uninterrupted run's."""
+    return {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0, "log_window": []}
+
+
+def count_step(state: dict, stats: dict, stream: DataStream) -> None:
+    state["step"] += 1
+    state["data"] = stream.position()
+    state["skipped"] += stats["skipped"]
+    state["bad_steps"] = state["bad_steps"] + 1 if stats["skipped"] else 0
+    state["log_window"].append(stats)
 
 
 def resume_point(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, resume: str | None, say) -> list[Path]:
@@ -319,7 +325,7 @@ def _log_record(window, seconds, state, sched, stream, info) -> dict:
     rec["images_per_s"] = sum(w["images"] for w in window) * info.world_size / max(seconds, 1e-9)
     loads = [w["load"] for w in done if w.get("load") is not None]
     if loads:  # balance over the whole interval (several batches and tasks), per MoE layer
-        rec["expert_load_max_over_mean"] = lm.max_over_mean(torch.stack(loads).sum(0))
+        rec["expert_load_max_over_mean"] = lm.max_over_mean(torch.stack([x.cpu() for x in loads]).sum(0))
         rec["expert_load_last_step"] = done[-1]["load_max_over_mean"]
     rec["skipped_steps"] = state["skipped"]
     skipped = stream.data_errors()

@@ -226,3 +226,58 @@ def test_v2_refuses_the_v3_router(random_model, tmp_path):
     back = load_hf(save_hf(model, tmp_path, model_type="deepseek_v2"))
     assert back.cfg == model.cfg
     assert_same_state(model, back)
+
+
+def test_directory_problems_name_the_file(random_model, tmp_path):
+    save_hf(random_model(), tmp_path, shard_size=4096)
+    index = tmp_path / "model.safetensors.index.json"
+    good_index = index.read_text()
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"index\.json has no 'weight_map'"):
+        load_hf(tmp_path)
+    index.write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"index\.json: not a readable JSON file"):
+        load_hf(tmp_path)
+    index.write_text(good_index)
+    shard = tmp_path / sorted(set(json.loads(good_index)["weight_map"].values()))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: not a readable safetensors file"):
+        load_hf(tmp_path)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_hf(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text("{\"model_type\": ")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a readable JSON file"):
+        load_hf(tmp_path)
+    config.unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json does not exist"):
+        load_hf(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_hf(tmp_path / "nowhere")
+
+
+def test_unsupported_tensor_dtype_is_named(random_model, tmp_path):
+    save_hf(random_model(), tmp_path)
+    key = "model.layers.0.mlp.up_proj.weight"
+    rewrite(tmp_path, lambda t: t.update({key: t[key].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"{key}.*dtype I32"):
+        load_hf(tmp_path)
+
+
+def test_layer_count_is_checked_before_the_model_is_built(random_model, tmp_path, monkeypatch):
+    save_hf(random_model(), tmp_path)  # 2 layers + the MTP layer
+    config = tmp_path / "config.json"
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "num_hidden_layers": 20000}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(lm.hf, "Transformer", never)
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers=20000, but the weights have layers 0\.\.2"):
+        load_hf(tmp_path)
+    config.write_text(json.dumps({**cfg, "num_hidden_layers": 1, "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match=r"layers \[1, 2\] beyond num_hidden_layers=1"):
+        load_hf(tmp_path)

@@ -288,7 +288,8 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device="c
     try:
         cfg, interleaved = config_from_hf(hf, str(path / "config.json"))
     except ConfigError as e:
-        raise CheckpointError(f"load_hf: {path / 'config.json'}: {e}") from e
+        where = "" if str(path / "config.json") in str(e) else f"{path / 'config.json'}: "
+        raise CheckpointError(f"load_hf: {where}{e}") from e
     files = _weight_files(path)
     headers = _read_headers(files)
     _check_layers(cfg, headers, path)

@@ -123,7 +123,8 @@ def load_config(path) -> MMConfig:
     try:
         return MMConfig.from_json(path / "config.json")
     except ConfigError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        where = "" if str(path / "config.json") in str(e) else f"{path / 'config.json'}: "
+        raise CheckpointError(f"{where}{e}") from e
 
 
 def read_weights(file: str | Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import lm
-from lm.config import ConfigError
+from lm.config import CheckpointError, ConfigError
 from mm.model import CaptionModel
 from mm.samples import DataErrors, expand_urls
 from mm.tokenizer import Tokenizer
@@ -62,7 +62,10 @@ def check_runnable(cfg: TrainConfig) -> None:
 
 def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path, say=print) -> Tokenizer:
     if cfg.tokenizer:
-        return Tokenizer.from_file(cfg.tokenizer)
+        try:
+            return Tokenizer.from_file(cfg.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"tokenizer: {e}") from e
     path = out_dir / "tokenizer.json"
     if info.is_main and not path.exists():
         skipped = DataErrors()
@@ -74,7 +77,10 @@ def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path, say=print
         out_dir.mkdir(parents=True, exist_ok=True)
         Tokenizer.train(texts, vocab_size=cfg.tokenizer_vocab).save(path)
     D.barrier(info)
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except ValueError as e:  # the run's own tokenizer, damaged since it was written
+        raise CheckpointError(f"{e}; delete it to train a new one (a resumed run needs the original)") from e
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> CaptionModel:

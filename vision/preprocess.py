@@ -56,7 +56,7 @@ def _open(x: Any, source: str) -> Image.Image:
     if isinstance(x, (str, Path)):
         path = Path(x).expanduser()
         if not path.is_file():
-            raise ImageError(f"{source}: no such file")
+            raise ImageError(f"{source}: {'a directory, not an image file' if path.is_dir() else 'no such file'}")
         return Image.open(io.BytesIO(path.read_bytes()))  # no file handle left open (multi-frame files)
     if isinstance(x, (bytes, bytearray, memoryview)):
         if len(x) == 0:

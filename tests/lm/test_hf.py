@@ -183,8 +183,9 @@ def test_errors_name_the_tensor(random_model, tmp_path):
     with pytest.raises(ValueError, match=r"up_proj\.weight_scale_inv of shape \[1, 1\], found none"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(CheckpointError, match=r"config\.json.*model_type 'mistral'"):
+    with pytest.raises(CheckpointError, match=r"config\.json.*model_type 'mistral'") as e:
         load_hf(tmp_path)
+    assert str(e.value).count("config.json") == 1
 
 
 def test_shared_head_norm_is_the_mtp_final_norm(random_model, tmp_path):

@@ -108,8 +108,9 @@ def test_other_damaged_checkpoint_files(trained_micro, tmp_path):
         Captioner.from_pretrained(bad_tok, device="cpu")
     bad_cfg = _copy(trained_micro, tmp_path, "cfg")
     (bad_cfg / "config.json").write_bytes(b"\xff\xfe not json")
-    with pytest.raises(CheckpointError, match=r"config\.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json: not valid JSON") as e:
         Captioner.from_pretrained(bad_cfg, device="cpu")
+    assert str(e.value).count("config.json") == 1  # the file is named once
     unknown_model = _copy(trained_micro, tmp_path, "timm")
     text = (unknown_model / "config.json").read_text().replace('"test_resnet"', '"no_such_timm_model"')
     (unknown_model / "config.json").write_text(text)

@@ -2,8 +2,8 @@
 
 The stages follow open_clip: shard list (or resampled shards) -> shard shuffle
 seeded by (seed, epoch) -> split by node -> split by worker -> tar samples ->
-sample shuffle -> decode ("pilrgb") + texts -> batch by task -> collate -> WebLoader. Three
-things a reader must know:
+sample shuffle -> decode (RGB, with the captioner's pixel cap) + texts -> batch by task ->
+collate -> WebLoader. Three things a reader must know:
 
 - Broken data never stops training. It is skipped and counted by reason with its
   shard URL and key, by the rules every reader shares (`mm/samples.py`: `bad_shard`,

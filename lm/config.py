@@ -2,13 +2,21 @@
 
 Also home of `ConfigBase`, the strict JSON round trip every config in the project
 uses: an unknown key or a value of the wrong type is an error that names the key,
-so a typo in a training config never silently falls back to a default.
+so a typo in a training config never silently falls back to a default. Non-finite
+numbers (JSON allows NaN and Infinity) are refused for every float field: no option
+of this project means anything at NaN.
+
+The project's two error types live here, as the one module every package imports:
+`ConfigError` (a config that does not fit) and `CheckpointError` (a file that cannot
+be read or does not match its config). Both are ValueErrors, so a caller that turns
+bad input into a message catches one type.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -17,6 +25,18 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config file or dict that does not fit its dataclass."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory that cannot be read or does not match its config;
+    the message names the file and the reason."""
+
+
+def check_ranges(owner: str, checks: list[tuple[bool, str, Any]]) -> None:
+    """Raise one ConfigError listing every (ok, "field: allowed range", value) that failed."""
+    problems = [f"{what}, got {value!r}" for ok, what, value in checks if not ok]
+    if problems:
+        raise ConfigError(f"{owner}: " + "; ".join(problems))
 
 
 def _check_value(owner: str, key: str, hint: Any, value: Any) -> Any:
@@ -64,7 +84,13 @@ def _check_value(owner: str, key: str, hint: Any, value: Any) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{owner}.{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int beyond float range
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{owner}.{key}: expected a finite number, got {value!r}")
+        return value
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{owner}.{key}: expected a string, got {value!r}")
@@ -85,7 +111,7 @@ class ConfigBase:
             raise ConfigError(f"{owner}: expected a dict, got {type(data).__name__}")
         hints = typing.get_type_hints(cls)
         fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - fields)
+        unknown = sorted(map(str, set(data) - fields))  # str: a dict built in Python may have any keys
         if unknown:
             raise ConfigError(
                 f"{owner}: unknown key(s) {unknown}; valid keys are {sorted(fields)}"
@@ -106,10 +132,12 @@ class ConfigBase:
     @classmethod
     def from_json(cls, path_or_text: str | Path):
         p = Path(path_or_text) if not str(path_or_text).lstrip().startswith("{") else None
-        text = p.read_text(encoding="utf-8") if p is not None else str(path_or_text)
         try:
+            text = p.read_text(encoding="utf-8") if p is not None else str(path_or_text)
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except FileNotFoundError as e:
+            raise ConfigError(f"{p}: no such file") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{p or 'config text'}: not valid JSON ({e})") from e
         return cls.from_dict(data)
 
@@ -159,9 +187,8 @@ class LMConfig(ConfigBase):
     def __post_init__(self):
         if self.q_lora_rank is None:
             self.q_lora_rank = 0
+        self._check_ranges()  # first: the structural checks below divide by some of these
         checks = [
-            (self.hidden_size > 0, "hidden_size must be positive"),
-            (self.num_attention_heads > 0, "num_attention_heads must be positive"),
             (self.num_experts_per_tok <= max(self.n_routed_experts, 1),
              "num_experts_per_tok cannot exceed n_routed_experts"),
             (self.n_routed_experts == 0 or self.n_routed_experts % self.n_group == 0,
@@ -178,6 +205,38 @@ class LMConfig(ConfigBase):
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(f"LMConfig: {msg}")
+        if self.rope_scaling is not None:
+            self._check_yarn(self.rope_scaling)
+
+    @staticmethod
+    def _check_yarn(rs: dict) -> None:
+        """YaRN is the only rope scaling: its two required numbers present, every number finite."""
+        def number(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        kind = rs.get("type", rs.get("rope_type"))
+        problems = [] if kind == "yarn" else [f"type must be 'yarn', got {kind!r}"]
+        problems += [f"{k} must be a number > 0, got {rs.get(k)!r}" for k in ("factor", "original_max_position_embeddings")
+                     if not (number(rs.get(k)) and rs[k] > 0)]
+        problems += [f"{k} must be a number or null, got {rs[k]!r}" for k in ("beta_fast", "beta_slow", "mscale",
+                                                                              "mscale_all_dim")
+                     if rs.get(k) is not None and not number(rs[k])]
+        if problems:
+            raise ConfigError("LMConfig.rope_scaling: " + "; ".join(problems))
+
+    def _check_ranges(self) -> None:
+        positive = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "kv_lora_rank", "v_head_dim", "num_experts_per_tok",
+                    "moe_intermediate_size", "moe_layer_freq", "n_group", "topk_group")
+        non_negative = ("q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "n_routed_experts",
+                        "n_shared_experts", "first_k_dense_replace", "num_nextn_predict_layers", "mtp_depths",
+                        "bias_update_speed", "aux_loss_alpha", "mtp_lambda", "initializer_range")
+        check_ranges("LMConfig", [(getattr(self, k) >= 1, f"{k} must be >= 1", getattr(self, k)) for k in positive]
+                     + [(getattr(self, k) >= 0, f"{k} must be >= 0", getattr(self, k)) for k in non_negative]
+                     + [(self.rms_norm_eps > 0, "rms_norm_eps must be > 0", self.rms_norm_eps),
+                        (self.rope_theta > 0, "rope_theta must be > 0", self.rope_theta),
+                        (self.routed_scaling_factor > 0, "routed_scaling_factor must be > 0",
+                         self.routed_scaling_factor)])
 
     @property
     def mtp_loss_depths(self) -> int:

@@ -8,7 +8,10 @@ experts `ffn.experts.w1[e]` <-> `mlp.experts.{e}.gate_proj`, MTP module k <->
 `mtp.{k-1}.norm` and is required; its `embed_tokens` / `shared_head.head` copies of the
 main embedding and head are written on save and skipped on load. A checkpoint with no
 MTP layer at all (as transformers saves DeepSeek-V3) loads without MTP, with a warning.
-Unknown config keys warn; missing essentials are errors.
+Unknown config keys warn; missing essentials are errors. Every problem with the
+directory (a missing or unreadable file, bad JSON, a damaged shard, a tensor that is
+missing, extra, misshaped or of an unsupported dtype, a layer count the tensors do not
+have) is a `CheckpointError` naming the file, found before the model is built.
 
 Numerics: tensors keep their stored dtype unless `dtype` is given (then all of them,
 router included, take it). FP8 weights
@@ -34,11 +37,11 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from lm.config import ConfigError, LMConfig
+from lm.config import CheckpointError, ConfigError, LMConfig
 from lm.model import Transformer
 from lm.rope import RotaryEmbedding
 
@@ -82,14 +85,15 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LMConfig, bool]:
     """An HF config dict -> (LMConfig, rope_interleave)."""
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
         raise ConfigError(f"{source}: model_type {model_type!r} is not supported; expected one of {sorted(ARCHITECTURES)}")
     essential = ESSENTIAL + (ESSENTIAL_MOE if hf.get("n_routed_experts") else ())
     missing = [k for k in essential if k not in hf or (hf[k] is None and k != "q_lora_rank")]
     if missing:
         raise ConfigError(f"{source}: missing essential key(s) {missing}")
-    block = (hf.get("quantization_config") or {}).get("weight_block_size", [FP8_BLOCK, FP8_BLOCK])
-    if list(block) != [FP8_BLOCK, FP8_BLOCK]:
+    quant = hf.get("quantization_config") or {}
+    block = quant.get("weight_block_size", [FP8_BLOCK, FP8_BLOCK]) if isinstance(quant, dict) else quant
+    if not isinstance(block, (list, tuple)) or list(block) != [FP8_BLOCK, FP8_BLOCK]:
         raise ConfigError(f"{source}: FP8 weight_block_size {block} is not supported, only [128, 128]")
     if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias"):
         raise ConfigError(f"{source}: only SwiGLU MLPs without bias are supported "
@@ -110,10 +114,13 @@ def config_from_hf(hf: dict, source: str = "config.json") -> tuple[LMConfig, boo
     return LMConfig.from_dict(values), bool(hf.get("rope_interleave", True))
 
 
-def _rope_from_hf(hf: dict, source: str) -> tuple[float, dict | None]:
+def _rope_from_hf(hf: dict, source: str) -> tuple[object, dict | None]:
     # transformers >= 5 writes `rope_parameters` (theta inside); DeepSeek's configs `rope_theta` + `rope_scaling`
-    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", hf.get("rope_theta", 10000.0)))
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{source}: rope_scaling / rope_parameters must be an object, got {params!r}")
+    params = dict(params)
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))  # LMConfig checks it is a number
     kind = params.pop("rope_type", params.pop("type", "default"))
     if kind == "default":
         return theta, None
@@ -180,29 +187,68 @@ def dequantize_fp8(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BL
     return w.float() * scale
 
 
+def _read_json(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise CheckpointError(f"load_hf: {file} does not exist") from e
+    except (ValueError, OSError) as e:  # bad JSON, not UTF-8, unreadable
+        raise CheckpointError(f"load_hf: {file}: not a readable JSON file ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"load_hf: {file}: expected a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it."""
     index = path / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"load_hf: {index} has no 'weight_map' object (tensor name -> file name)")
         return {k: path / f for k, f in weight_map.items()}
     single = path / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"load_hf: {path} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(single, "pt") as f:
-        return dict.fromkeys(f.keys(), single)
+        raise CheckpointError(f"load_hf: {path} has neither model.safetensors nor model.safetensors.index.json")
+    return dict.fromkeys(_open_shard(single, lambda f: f.keys()), single)
+
+
+def _open_shard(file: Path, read):
+    """read(safe_open handle); a missing, empty or damaged file is a CheckpointError naming it."""
+    try:
+        with safe_open(file, "pt") as f:
+            return read(f)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"load_hf: {file}: not a readable safetensors file ({e})") from e
+
+
+def _shapes_and_dtypes(f) -> dict[str, tuple[tuple[int, ...], str]]:
+    slices = {k: f.get_slice(k) for k in f.keys()}
+    return {k: (tuple(t.get_shape()), t.get_dtype()) for k, t in slices.items()}
 
 
 def _read_headers(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
     headers = {}
     for file in sorted(set(files.values())):
-        with safe_open(file, "pt") as f:
-            for k in f.keys():
-                s = f.get_slice(k)
-                headers[k] = (tuple(s.get_shape()), s.get_dtype())
+        headers.update(_open_shard(file, _shapes_and_dtypes))
     if set(files) - set(headers):
-        raise KeyError(f"load_hf: index lists tensors missing from the shards: {sorted(set(files) - set(headers))[:5]}")
+        raise CheckpointError(f"load_hf: index lists tensors missing from the shards: {sorted(set(files) - set(headers))[:5]}")
     return headers
+
+
+def _check_layers(cfg: LMConfig, headers: dict, source: Path) -> None:
+    """The layer count against the tensors, before a model of that size is built."""
+    present = {int(m[1]) for n in headers if (m := re.match(r"model\.layers\.(\d+)\.", n))}
+    main = set(range(cfg.num_hidden_layers))
+    if main - present:
+        have = f"layers 0..{max(present)}" if present else "no layers"
+        raise CheckpointError(f"load_hf: {source / 'config.json'} says num_hidden_layers={cfg.num_hidden_layers}, "
+                              f"but the weights have {have} ({len(present)} layer indices, MTP included); "
+                              f"missing e.g. {sorted(main - present)[:5]}")
+    extra = sorted(present - main - set(range(cfg.num_hidden_layers, cfg.num_hidden_layers + cfg.num_nextn_predict_layers)))
+    if extra:
+        raise CheckpointError(f"load_hf: {source} has tensors for layers {extra[:5]} beyond num_hidden_layers="
+                              f"{cfg.num_hidden_layers} + num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
 
 
 def _check(plan: dict, headers: dict, cfg: LMConfig, source: Path) -> None:
@@ -212,31 +258,41 @@ def _check(plan: dict, headers: dict, cfg: LMConfig, source: Path) -> None:
         norms = [n for n in missing if n.endswith("shared_head.norm.weight")]
         hint = (f"; {norms} is the MTP layer's own final norm, not a copy of model.norm.weight: "
                 "a checkpoint whose MTP shared the main norm needs that copy added") if norms else ""
-        raise KeyError(f"load_hf: {source} lacks {len(missing)} tensor(s), e.g. {missing[:5]}{hint}")
+        raise CheckpointError(f"load_hf: {source} lacks {len(missing)} tensor(s), e.g. {missing[:5]}{hint}")
     for name, (_, _, shape) in plan.items():
         found, dt = headers[name]
         if found != shape:
-            raise ValueError(f"load_hf: {source}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
+            raise CheckpointError(f"load_hf: {source}: tensor {name!r} has shape {list(found)}, expected {list(shape)}")
+        if dt not in SAFETENSORS_DTYPES and not dt.startswith("F8"):
+            raise CheckpointError(f"load_hf: {source}: tensor {name!r} has dtype {dt}; weights must be one of "
+                                  f"{sorted(SAFETENSORS_DTYPES)} or FP8 (F8_E4M3 with a weight_scale_inv)")
         if dt.startswith("F8"):
             want = tuple(math.ceil(d / FP8_BLOCK) for d in shape)
             got = headers.get(name + "_scale_inv", (None,))[0]
             if got != want:
-                raise ValueError(f"load_hf: {source}: FP8 tensor {name!r} needs {name}_scale_inv of shape "
-                                 f"{list(want)}, found {list(got) if got else 'none'}")
+                raise CheckpointError(f"load_hf: {source}: FP8 tensor {name!r} needs {name}_scale_inv of shape "
+                                      f"{list(want)}, found {list(got) if got else 'none'}")
     skipped = {f"model.layers.{cfg.num_hidden_layers + k}.{n}" for k in range(cfg.num_nextn_predict_layers)
                for n in MTP_COPIES}
     extra = [n for n in headers if n not in plan and n not in skipped and not n.endswith(("_scale_inv", "inv_freq"))]
     if extra:
-        raise KeyError(f"load_hf: {source} has {len(extra)} tensor(s) the model has no place for, e.g. {extra[:5]}")
+        raise CheckpointError(f"load_hf: {source} has {len(extra)} tensor(s) the model has no place for, e.g. {extra[:5]}")
 
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype | None = None, device="cpu") -> Transformer:
     """A DeepSeek-V2/V3 HF directory -> lm.Transformer in eval mode (dtype None keeps stored dtypes)."""
     path = Path(path)
-    hf = json.loads((path / "config.json").read_text())
-    cfg, interleaved = config_from_hf(hf, str(path / "config.json"))
+    if not path.is_dir():
+        raise CheckpointError(f"load_hf: {path} is not a directory")
+    hf = _read_json(path / "config.json")
+    try:
+        cfg, interleaved = config_from_hf(hf, str(path / "config.json"))
+    except ConfigError as e:
+        where = "" if str(path / "config.json") in str(e) else f"{path / 'config.json'}: "
+        raise CheckpointError(f"load_hf: {where}{e}") from e
     files = _weight_files(path)
     headers = _read_headers(files)
+    _check_layers(cfg, headers, path)
     if cfg.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{cfg.num_hidden_layers}.") for n in headers):
         warnings.warn(f"load_hf: {path} has no MTP weights; loading without MTP modules", stacklevel=2)
         cfg = cfg.replace(num_nextn_predict_layers=0)

@@ -2,8 +2,12 @@
 
 One JSON line per captioned image (`{"path"|"key", "caption", "task"}`) goes to
 stdout or `--out`; a progress bar goes to stderr. An unreadable or non-image input
-is reported with its path and the reason and skipped; the exit status is the
-number of inputs that failed (capped at 255), 0 when all went well.
+is reported with its path and the reason and skipped, and so is a shard that cannot
+be read or breaks partway (its samples after the break are lost: that shard counts as
+one failure). Shard samples are read by the same rules as training (`mm/samples.py`).
+The exit status is the number of inputs that failed (capped at 255), 0 when all went
+well, 2 for bad options or a bad checkpoint (nothing is captioned), and 141 (as for
+SIGPIPE) when the reader of stdout goes away, e.g. `mm caption ... | head -1`.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,33 +70,57 @@ def expand(inputs: list[str]) -> Iterator[tuple[str, str]]:
             yield "file", spec
 
 
-def items(inputs: list[str]) -> Iterator[tuple[dict, object]]:
-    """(record, image source) pairs; a source that cannot be used is an Exception instance."""
-    import webdataset as wds
+def _shard_items(spec: str) -> Iterator[tuple[dict, object]]:
+    from mm.samples import DataErrors, expand_urls, shard_samples
 
+    for url in expand_urls(spec):
+        broken = DataErrors()
+        for sample in shard_samples(url, broken):
+            yield {"key": sample["__key__"], "url": url}, sample
+        for e in broken.examples:
+            where = f"broken after member {e['key']}; the rest of it is lost" if e["key"] else "cannot be read"
+            yield {"url": url}, OSError(f"shard {where} ({e['detail']})")
+
+
+def items(inputs: list[str]) -> Iterator[tuple[dict, object]]:
+    """(record, image source) pairs: a path, a shard sample (dict), or an Exception saying why not."""
     for kind, spec in expand(inputs):
         if kind == "missing":
             yield {"path": spec}, FileNotFoundError("the pattern matches no file")
         elif kind == "file":
             yield {"path": spec}, spec
         else:
-            ds = wds.WebDataset(spec, shardshuffle=False, handler=wds.warn_and_continue, empty_check=False)
-            for sample in ds:
-                img = next((sample[k] for k in ("jpg", "jpeg", "png", "webp") if k in sample), None)
-                rec = {"key": sample["__key__"], "url": sample.get("__url__", spec)}
-                yield rec, (img if img is not None else ValueError("the sample has no jpg/png/webp image"))
+            yield from _shard_items(spec)
+
+
+def check_args(args) -> dict:
+    """The generation options, after every option is checked; raises ValueError naming the bad one."""
+    from mm.generate import GenerationConfig
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, temperature=args.temperature,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                   speculative=not args.no_speculative, draft_tokens=args.draft_tokens)
+    GenerationConfig(**options).validate()
+    return options
+
+
+def load_source(source):
+    """A PIL image from a path or a shard sample; ImageError / BadSample (ValueErrors) say why not."""
+    from mm.samples import sample_image
+    from vision.preprocess import load_image
+
+    if isinstance(source, Exception):
+        raise source
+    return sample_image(source) if isinstance(source, dict) else load_image(source)
 
 
 def run(args) -> int:
     from mm.captioner import Captioner
-    from mm.generate import GenerationConfig
-    from vision.preprocess import ImageError, load_image
 
-    options = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, temperature=args.temperature,
-                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-                   speculative=not args.no_speculative, draft_tokens=args.draft_tokens)
     try:
-        GenerationConfig(**options).validate()  # bad options and an unknown task fail before any work
+        options = check_args(args)  # bad options, a bad checkpoint and an unknown task fail before any work
         cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
                                         batch_size=args.batch_size, compile=args.compile)
         cap.model.cfg.prompt(args.task)
@@ -99,6 +128,20 @@ def run(args) -> int:
         print(f"mm caption: {e}", file=sys.stderr)
         return 2
     out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    try:
+        done, failed = caption_all(cap, args, options, out)
+    except BrokenPipeError:  # the reader of stdout went away: stop quietly, as `yes | head -1` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"mm caption: {done} captioned, {failed} failed", file=sys.stderr)
+    return min(failed, 255)
+
+
+def caption_all(cap, args, options: dict, out) -> tuple[int, int]:
+    """Caption every input in batches, writing a line per image; returns (captioned, failed)."""
     failed = done = 0
     pending: list[tuple[dict, object]] = []
     bar = tqdm(desc="caption", unit="img", file=sys.stderr, dynamic_ncols=True)
@@ -117,12 +160,10 @@ def run(args) -> int:
 
     try:
         for rec, source in items(args.inputs):
-            name = rec.get("path") or f"{rec.get('url')}#{rec.get('key')}"
+            name = rec.get("path") or "#".join(filter(None, (rec.get("url"), rec.get("key"))))
             try:
-                if isinstance(source, Exception):
-                    raise source
-                image = load_image(source)
-            except (ImageError, OSError, ValueError) as e:
+                image = load_source(source)
+            except (OSError, ValueError) as e:  # ImageError and BadSample are ValueErrors
                 failed += 1
                 tqdm.write(f"mm caption: skipped {name}: {e}", file=sys.stderr)
                 continue
@@ -132,7 +173,4 @@ def run(args) -> int:
         flush()
     finally:
         bar.close()
-        if out is not sys.stdout:
-            out.close()
-    print(f"mm caption: {done} captioned, {failed} failed", file=sys.stderr)
-    return min(failed, 255)
+    return done, failed

@@ -2,29 +2,33 @@
 
 Saves are atomic: everything is written into a hidden sibling directory which then
 replaces the target by rename, so a crash mid-save never leaves a half-written
-checkpoint behind. Weights are read with safetensors only (no pickles).
+checkpoint behind; `clean_stale` removes (or, for a replaced target, restores) what a
+killed save left beside it. Weights are read with safetensors only (no pickles). Every
+problem with a directory or its files is a `CheckpointError` naming the file and why.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lm.config import ConfigError
+from lm.config import CheckpointError, ConfigError
 from mm.config import MMConfig
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
 
+__all__ = ["CheckpointError", "atomic_dir", "check_device", "clean_stale", "load_checkpoint", "load_config",
+           "load_state_strict", "read_weights", "remove_dir", "save_checkpoint"]
+
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing a file or does not match its config."""
+_STALE = re.compile(r"\.(.+)\.(tmp|old|del)-(\d+)")  # what atomic_dir / remove_dir leave when killed
 
 
 def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
@@ -47,6 +51,46 @@ def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
         raise
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete a directory so that readers never see it half-deleted: rename, then remove."""
+    path = Path(path)
+    doomed = path.parent / f".{path.name}.del-{os.getpid()}"
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def clean_stale(parent: str | Path) -> list[str]:
+    """Tidy what killed saves left in `parent` (processes that are gone): a half-written
+    `.X.tmp-PID` or `.X.del-PID` is removed; a `.X.old-PID` is the previous X, put back
+    if X is missing (the kill fell between the two renames) and removed otherwise."""
+    parent, done = Path(parent), []
+    for p in sorted(parent.glob(".*-*")) if parent.is_dir() else []:
+        m = _STALE.fullmatch(p.name)
+        if m is None or not p.is_dir() or _alive(int(m[3])):
+            continue
+        target = parent / m[1]
+        try:
+            if m[2] == "old" and not target.exists():
+                p.rename(target)
+                done.append(f"restored {target.name} from {p.name}")
+            else:
+                shutil.rmtree(p)
+                done.append(f"removed {p.name}")
+        except OSError:  # another process tidied it first
+            continue
+    return done
 
 
 def save_checkpoint(path, model: CaptionModel, tokenizer: Tokenizer, dtype: torch.dtype | None = None,
@@ -79,24 +123,56 @@ def load_config(path) -> MMConfig:
     try:
         return MMConfig.from_json(path / "config.json")
     except ConfigError as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+        where = "" if str(path / "config.json") in str(e) else f"{path / 'config.json'}: "
+        raise CheckpointError(f"{where}{e}") from e
+
+
+def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; an empty, truncated or corrupt file is a CheckpointError."""
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e}); the file is damaged or "
+                              "incomplete, copy or save it again") from e
+
+
+def check_device(device) -> torch.device:
+    """A device this machine has: cpu, cuda[:N] or mps."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from e
+    present = {"cpu": True, "cuda": torch.cuda.is_available() and (dev.index or 0) < torch.cuda.device_count(),
+               "mps": dev.type == "mps" and torch.backends.mps.is_available()}
+    if not present.get(dev.type, False):
+        have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (
+            ["mps"] if torch.backends.mps.is_available() else [])
+        raise ConfigError(f"device {device!r} is not available here; this machine has {', '.join(have)}")
+    return dev
 
 
 def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
     """-> (model in eval mode, tokenizer). Shape or key mismatches name the tensor."""
     path = Path(path)
+    check_device(device)
     cfg = load_config(path)
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     if tokenizer.vocab_size > cfg.lm.vocab_size:
         raise CheckpointError(
             f"{path}: tokenizer.json has {tokenizer.vocab_size} tokens but config.json's "
             f"lm.vocab_size is {cfg.lm.vocab_size}"
         )
+    state = read_weights(path / "model.safetensors")  # before building: a damaged file fails fast
     # The weights come from model.safetensors, so the encoder is built without its own weights.
     build_cfg = cfg.replace(vision=cfg.vision.replace(pretrained=False, pretrained_file=""))
-    model = CaptionModel(build_cfg, image_token_id=tokenizer.image_id)
+    try:
+        model = CaptionModel(build_cfg, image_token_id=tokenizer.image_id)
+    except (RuntimeError, TypeError, ValueError) as e:  # timm: an unknown model name or a bad model_kwargs
+        raise CheckpointError(f"{path / 'config.json'}: cannot build the model it describes ({e})") from e
     model.cfg = cfg
-    state = load_file(str(path / "model.safetensors"))
     load_state_strict(model, state, str(path / "model.safetensors"))
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from lm.config import ConfigBase, ConfigError, LMConfig
+from lm.config import ConfigBase, ConfigError, LMConfig, check_ranges
 
 DEFAULT_TASKS = {
     "caption": "Caption:",
@@ -31,12 +31,19 @@ class VisionConfig(ConfigBase):
     unfreeze_last: int = 0  # with freeze: train only the last N blocks
     grad_checkpointing: bool = False
 
+    def __post_init__(self):
+        check_ranges("VisionConfig", [(self.image_size >= 1, "image_size must be >= 1", self.image_size),
+                                      (self.unfreeze_last >= 0, "unfreeze_last must be >= 0", self.unfreeze_last)])
+
 
 @dataclass
 class ProjectorConfig(ConfigBase):
     pixel_shuffle: bool = False  # 2x2 token reduction (DeepSeek-VL2) before the MLP
     hidden_mult: int = 1  # MLP width = hidden_mult * LM width
     pos_embed: bool = True  # learned position embedding on the image tokens
+
+    def __post_init__(self):
+        check_ranges("ProjectorConfig", [(self.hidden_mult >= 1, "hidden_mult must be >= 1", self.hidden_mult)])
 
 
 @dataclass
@@ -47,6 +54,12 @@ class MMConfig(ConfigBase):
     tasks: dict = field(default_factory=lambda: dict(DEFAULT_TASKS))  # task name -> prompt text
     max_text_len: int = 64  # prompt + caption tokens per sample
     meta: dict = field(default_factory=dict)  # provenance: recipe, commit, notes
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.tasks.items() if not (isinstance(k, str) and k and isinstance(v, str))}
+        check_ranges("MMConfig", [(bool(self.tasks), "tasks must name at least one task", self.tasks),
+                                  (not bad, "tasks must map task names to prompt strings", bad),
+                                  (self.max_text_len >= 1, "max_text_len must be >= 1", self.max_text_len)])
 
     def prompt(self, task: str) -> str:
         if task not in self.tasks:

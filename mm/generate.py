@@ -42,29 +42,55 @@ class GenerationConfig:
     #                                  None: the model's trained chain (lm mtp_depths), else 1
     seed: int | None = None
 
+    INTS = ("max_new_tokens", "min_new_tokens", "num_beams", "top_k")
+    OPTIONAL_INTS = ("draft_tokens", "seed")
+    FLOATS = ("temperature", "top_p", "repetition_penalty", "length_penalty")
+
     def validate(self):
-        problems = []
-        if not 1 <= self.max_new_tokens <= 4096:
-            problems.append(f"max_new_tokens must be in 1..4096, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
-            problems.append(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
-        if self.num_beams < 1:
-            problems.append(f"num_beams must be >= 1, got {self.num_beams}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.draft_tokens is not None and not 1 <= self.draft_tokens <= 8:
-            problems.append(f"draft_tokens must be in 1..8, got {self.draft_tokens}")
+        """Check every option's type and range; raises lm.ConfigError (a ValueError) naming each bad one."""
+        problems = self._type_problems()
+        if problems:  # ranges compare numbers: only meaningful once the types are right
+            raise lm.ConfigError("; ".join(problems))
+        checks = [
+            (1 <= self.max_new_tokens <= 4096, "max_new_tokens must be in 1..4096", self.max_new_tokens),
+            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in 0..max_new_tokens",
+             self.min_new_tokens),
+            (1 <= self.num_beams <= 16, "num_beams must be in 1..16", self.num_beams),
+            (0 <= self.temperature <= 100, "temperature must be in 0..100 (0 = greedy)", self.temperature),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p),
+            (self.top_k >= 0, "top_k must be >= 0", self.top_k),
+            (0 < self.repetition_penalty <= 100, "repetition_penalty must be in (0, 100]", self.repetition_penalty),
+            (-100 <= self.length_penalty <= 100, "length_penalty must be in -100..100", self.length_penalty),
+            (self.draft_tokens is None or 1 <= self.draft_tokens <= 8, "draft_tokens must be in 1..8",
+             self.draft_tokens),
+            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in 0..2**64-1", self.seed),
+        ]
+        problems = [f"{what}, got {value!r}" for ok, what, value in checks if not ok]
         if self.num_beams > 1 and self.temperature > 0:
             problems.append("beam search is deterministic: use temperature 0 with num_beams > 1")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise lm.ConfigError("; ".join(problems))
         return self
+
+    def _type_problems(self) -> list[str]:
+        """Options of the wrong type (a string "5", 2.5 for a count, NaN), by name."""
+        import math
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_number(v):
+            return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+        values = {k: getattr(self, k) for k in self.INTS + self.OPTIONAL_INTS + self.FLOATS}
+        problems = [f"{k} must be an integer, got {values[k]!r}" for k in self.INTS if not is_int(values[k])]
+        problems += [f"{k} must be an integer or None, got {values[k]!r}" for k in self.OPTIONAL_INTS
+                     if values[k] is not None and not is_int(values[k])]
+        problems += [f"{k} must be a finite number, got {values[k]!r}" for k in self.FLOATS
+                     if not is_number(values[k])]
+        if not isinstance(self.speculative, bool):
+            problems.append(f"speculative must be true or false, got {self.speculative!r}")
+        return problems
 
     def drafts(self, model) -> int:
         """Draft tokens per verification: the option, else the depth the MTP was trained to."""

@@ -46,7 +46,12 @@ def _roles_from_config(directory: Path) -> dict[str, str]:
     path = directory / _CONFIG_NAME
     if not path.is_file():
         return {}
-    cfg = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:  # ValueError: bad JSON or not UTF-8
+        raise ValueError(f"{path}: not a readable JSON file ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(cfg).__name__}")
     roles = {}
     for role in DEFAULT_SPECIALS:
         value = cfg.get(f"{role}_token")
@@ -55,6 +60,13 @@ def _roles_from_config(directory: Path) -> dict[str, str]:
         if isinstance(value, str) and value:
             roles[role] = value
     return roles
+
+
+def _surrogate_at(text) -> int | None:
+    """Index of the first lone surrogate (a str that has no UTF-8 form), if any."""
+    if not isinstance(text, str):
+        return None
+    return next((i for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF), None)
 
 
 class Tokenizer:
@@ -139,10 +151,19 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens added."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            bad = _surrogate_at(text)
+            if bad is not None:  # the Rust side takes UTF-8 only: a lone surrogate cannot be encoded
+                raise ValueError(f"text has a lone surrogate {text[bad]!r} at index {bad}; it is not "
+                                 "valid Unicode, so it has no UTF-8 bytes to encode") from None
+            raise
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+        """Text of `ids`; an id outside the vocabulary (a model's padding rows) has no text."""
+        n = self.vocab_size
+        return self._tok.decode([i for i in map(int, ids) if 0 <= i < n], skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)

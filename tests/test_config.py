@@ -55,3 +55,32 @@ def test_bad_choice_is_named():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="huge"):
         preset("huge")
+
+
+@pytest.mark.parametrize("override, named", [
+    ("--optim.lr=NaN", "optim.lr: expected a finite number"), ("--optim.grad_accum=0", "grad_accum must be >= 1"),
+    ("--optim.batch_size=0", "batch_size must be >= 1"), ('--data.tasks=["poem"]', "data.tasks must be tasks"),
+    ("--save_every=0", "save_every must be >= 1"), ("--data.train=nope-{0..3}.tar", "none of the 4 shards exists"),
+    ("--data.train=", "data.train is empty"), ("--tokenizer=nope.json", "tokenizer: nope.json does not exist"),
+])
+def test_mm_train_refuses_bad_configs_before_any_work(tmp_path, capsys, override, named):
+    from mm.cli import main
+
+    out = tmp_path / "run"
+    shards = tmp_path / "s-000000.tar"
+    shards.write_bytes(b"")  # exists; never read, as the run must stop before reading anything
+    assert main(["train", f"--data.train={shards}", "--out", str(out), override]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_mm_train_names_a_malformed_tokenizer_file(tmp_path, capsys):
+    from mm.cli import main
+
+    bad = tmp_path / "tok.json"
+    bad.write_text("{nope")
+    shards = tmp_path / "s-000000.tar"
+    shards.write_bytes(b"")
+    assert main(["train", f"--data.train={shards}", "--out", str(tmp_path / "run"), f"--tokenizer={bad}"]) == 2
+    assert f"tokenizer: {bad}: not a tokenizers tokenizer.json" in capsys.readouterr().err

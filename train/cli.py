@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lm.config import ConfigError
+from lm.config import CheckpointError, ConfigError
 
 ACCEPTS_OVERRIDES = True
 
@@ -38,6 +38,9 @@ def run(args) -> int:
         return 2
     try:
         path = train(cfg, resume=args.resume, export=args.export)
+    except (ConfigError, CheckpointError) as e:  # found before the first step: shards, resume checkpoint
+        print(f"mm train: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"mm train: {e}", file=sys.stderr)
         return 1

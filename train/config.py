@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from lm.config import ConfigBase, ConfigError
+from lm.config import ConfigBase, ConfigError, check_ranges
 from mm.config import MMConfig, preset
 
 ALL_TASKS = ["caption", "describe", "caption_zh", "describe_zh"]
@@ -28,6 +28,19 @@ class DataConfig(ConfigBase):
     epoch_batches: int = 0  # batches per (pseudo-)epoch of a resampled stream; 0 = from sizes.json
     pad_to: dict = field(default_factory=dict)  # task -> fixed padded length (avoids re-tuning kernels per length)
 
+    def __post_init__(self):
+        bad_pad = {k: v for k, v in self.pad_to.items()
+                   if not (isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1)}
+        check_ranges("TrainConfig.data", [
+            (bool(self.tasks) and len(set(self.tasks)) == len(self.tasks),
+             "tasks must be a non-empty list without repeats", self.tasks),
+            (self.task_mode in ("batch", "all"), "task_mode must be 'batch' or 'all'", self.task_mode),
+            (self.num_workers >= 0, "num_workers must be >= 0", self.num_workers),
+            (self.shuffle >= 0, "shuffle must be >= 0", self.shuffle),
+            (self.epoch_batches >= 0, "epoch_batches must be >= 0 (0 = from sizes.json)", self.epoch_batches),
+            (not bad_pad, "pad_to must map task names to lengths >= 1", bad_pad),
+        ])
+
 
 @dataclass
 class OptimConfig(ConfigBase):
@@ -43,6 +56,23 @@ class OptimConfig(ConfigBase):
     grad_clip: float = 1.0  # 0 = off
     batch_size: int = 64  # per rank, per micro-step
     grad_accum: int = 1
+
+    def __post_init__(self):
+        check_ranges("TrainConfig.optim", [
+            (self.lr > 0, "lr must be > 0", self.lr),
+            (self.lr_vision >= 0, "lr_vision must be >= 0 (0 = same as lr)", self.lr_vision),
+            (self.lr_projector >= 0, "lr_projector must be >= 0 (0 = same as lr)", self.lr_projector),
+            (self.weight_decay >= 0, "weight_decay must be >= 0", self.weight_decay),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas must be two numbers in [0, 1)",
+             self.betas),
+            (self.eps > 0, "eps must be > 0", self.eps),
+            (self.warmup_steps >= 0, "warmup_steps must be >= 0", self.warmup_steps),
+            (self.max_steps >= 1, "max_steps must be >= 1", self.max_steps),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]", self.min_lr_ratio),
+            (self.grad_clip >= 0, "grad_clip must be >= 0 (0 = off)", self.grad_clip),
+            (self.batch_size >= 1, "batch_size must be >= 1", self.batch_size),
+            (self.grad_accum >= 1, "grad_accum must be >= 1", self.grad_accum),
+        ])
 
 
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev")
@@ -111,10 +141,27 @@ class TrainConfig(ConfigBase):
             ("precision", self.precision, ("fp32", "bf16", "fp8")),
             ("fp8_backend", self.fp8_backend, ("emulate", "scaled_mm")),
             ("parallel", self.parallel, ("ddp", "fsdp")),
-            ("data.task_mode", self.data.task_mode, ("batch", "all")),
         ]:
             if value not in allowed:
                 raise ConfigError(f"TrainConfig.{name}: {value!r} is not one of {allowed}")
+        known = sorted(self.model.tasks)
+        check_ranges("TrainConfig", [
+            (set(self.data.tasks) <= set(known), f"data.tasks must be tasks the model has a prompt for ({known})",
+             self.data.tasks),
+            (set(self.data.pad_to) <= set(self.data.tasks), "data.pad_to must only name tasks in data.tasks",
+             sorted(self.data.pad_to)),
+            (self.tokenizer_vocab >= 260, "tokenizer_vocab must be >= 260 (256 bytes + 4 special tokens)",
+             self.tokenizer_vocab),
+            (self.tokenizer_samples >= 1, "tokenizer_samples must be >= 1", self.tokenizer_samples),
+            (0 <= self.seed < 2**63, "seed must be in 0..2**63-1", self.seed),
+            (self.log_every >= 1, "log_every must be >= 1", self.log_every),
+            (self.save_every >= 1, "save_every must be >= 1", self.save_every),
+            (self.keep_last >= 1, "keep_last must be >= 1", self.keep_last),
+            (self.eval_every >= 0, "eval_every must be >= 0 (0 = off)", self.eval_every),
+            (self.eval_batches >= 1, "eval_batches must be >= 1", self.eval_batches),
+            (self.max_bad_steps >= 1, "max_bad_steps must be >= 1", self.max_bad_steps),
+            (bool(self.out_dir), "out_dir must not be empty", self.out_dir),
+        ])
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -145,10 +192,14 @@ def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfi
                 data = json.load(f)
         except FileNotFoundError as e:
             raise ConfigError(f"config file {path} does not exist") from e
-        except json.JSONDecodeError as e:
+        except OSError as e:  # a directory, no permission, ...
+            raise ConfigError(f"config file {path}: cannot be read ({e.strerror or e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from e
     else:
         data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config sections, got a {type(data).__name__}")
     if isinstance(data.get("model"), str):  # "model": "tiny" names a preset
         data["model"] = preset(data["model"]).to_dict()
     data.setdefault("model", preset("tiny").to_dict())

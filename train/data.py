@@ -2,14 +2,14 @@
 
 The stages follow open_clip: shard list (or resampled shards) -> shard shuffle
 seeded by (seed, epoch) -> split by node -> split by worker -> tar samples ->
-sample shuffle -> decode ("pilrgb") + texts -> batch by task -> collate -> WebLoader. Three
-things a reader must know:
+sample shuffle -> decode (RGB, with the captioner's pixel cap) + texts -> batch by task ->
+collate -> WebLoader. Three things a reader must know:
 
 - Broken data never stops training. It is skipped and counted by reason with its
-  shard URL and key: `bad_shard` (unreadable, empty or truncated tar; the rest of
-  it is lost), `bad_json`, `missing_text`, `missing_image`, `bad_image`
-  (undecodable), `missing_task` (lacks the batch's task), `too_long` (encoding
-  longer than its `pad_to`). Counting happens wherever the stage runs (a worker process), so each
+  shard URL and key, by the rules every reader shares (`mm/samples.py`: `bad_shard`,
+  `bad_json`, `bad_text`, `missing_text`, `missing_image`, `bad_image`), plus `missing_task`
+  (lacks the batch's task) and `too_long` (encoding longer than its `pad_to`). Counting
+  happens wherever the stage runs (a worker process), so each
   batch carries the records made since the previous one under `data_errors`; the
   loader moves them into `loader.errors` and drops the key. A stream that ends in
   errors emits a record-only item, so no count is lost.
@@ -37,55 +37,13 @@ from itertools import islice
 import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
-from webdataset.autodecode import IMAGE_EXTENSIONS
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from mm.samples import BadSample, DataErrors, expand_urls, sample_image, sample_texts, shard_samples
 from train.scenes import TASKS
 
+__all__ = ["DataErrors", "Loader", "check_shards", "dataset_size", "expand_urls", "make_loader"]
+
 Encode = Callable[[str, str], tuple[list[int], list[int]]]
-_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp") + tuple(e for e in IMAGE_EXTENSIONS if e not in ("jpg", "jpeg", "png", "webp"))
-_PILRGB = wds.imagehandler("pilrgb")
-
-
-class DataErrors:
-    """Skipped samples: counts by reason plus the first `max_examples` (reason, url, key, detail)."""
-
-    def __init__(self, max_examples: int = 100):
-        self.counts: Counter = Counter()
-        self.examples: list[dict] = []
-        self.max_examples = max_examples
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-    def add(self, reason: str, url: str, key: str, detail: str = "") -> None:
-        self.counts[reason] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append({"reason": reason, "url": url, "key": key, "detail": detail[:200]})
-
-    def merge(self, record: dict) -> None:
-        self.counts.update(record["counts"])
-        self.examples.extend(record["examples"][: self.max_examples - len(self.examples)])
-
-    def drain(self) -> dict | None:
-        """The records made since the last drain, as plain data that survives a worker boundary."""
-        if not self.counts:
-            return None
-        record = {"counts": dict(self.counts), "examples": self.examples}
-        self.counts, self.examples = Counter(), []
-        return record
-
-    def summary(self) -> str:
-        if not self.counts:
-            return "data: no samples skipped"
-        by_reason = ", ".join(f"{r} {n}" for r, n in self.counts.most_common())
-        first = self.examples[0] if self.examples else None
-        where = f"; first: {first['reason']} in {first['url']} key {first['key'] or '?'}" if first else ""
-        return f"data: skipped {self.total} ({by_reason}){where}"
-
-    def __repr__(self) -> str:
-        return f"DataErrors({self.summary()})"
 
 
 class _Epoch:
@@ -102,10 +60,6 @@ def _rng(*parts) -> random.Random:
 def _worker() -> tuple[int, int]:
     info = get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)
-
-
-def expand_urls(urls: str | list[str]) -> list[str]:
-    return wds.shardlists.expand_urls(urls) if isinstance(urls, str) else list(urls)
 
 
 def dataset_size(urls: str | list[str]) -> int | None:
@@ -173,34 +127,9 @@ class _TarSamples:
     def __init__(self, errors: DataErrors):
         self.errors = errors
 
-    def _files(self, stream, url: str, failed: list):
-        last = ""  # the member read before the failure: says where the shard broke
-        try:
-            for f in tar_file_iterator(stream):
-                f["__url__"], last = url, f["fname"]
-                yield f
-        except Exception as e:  # truncated, empty or not a tar: the rest of this shard is lost
-            failed.append(("bad_shard", url, last, f"{type(e).__name__}: {e}"))
-
     def __call__(self, src):
         for shard in src:
-            url, failed = shard["url"], []
-            try:
-                stream = wds.gopen(url)
-            except Exception as e:
-                self.errors.add("bad_shard", url, "", f"{type(e).__name__}: {e}")
-                continue
-            try:
-                yield from group_by_keys(self._files(stream, url, failed))
-            except ValueError as e:  # a repeated member name inside the shard
-                failed.append(("bad_shard", url, "", str(e)))
-            finally:
-                try:
-                    stream.close()  # a `pipe:` command reports its failure here
-                except Exception as e:
-                    failed.append(("bad_shard", url, "", f"{type(e).__name__}: {e}"))
-            if failed:
-                self.errors.add(*failed[0])
+            yield from shard_samples(shard["url"], self.errors)
 
 
 class _ShuffleSamples:
@@ -221,30 +150,11 @@ class _Decode:
     def __call__(self, src):
         for s in src:
             url, key = s.get("__url__", "?"), s.get("__key__", "?")
-            texts = {}
-            if "json" in s:
-                try:
-                    meta = json.loads(s["json"])
-                    if not isinstance(meta, dict):
-                        raise ValueError(f"json is a {type(meta).__name__}, expected an object keyed by task")
-                except ValueError as e:
-                    self.errors.add("bad_json", url, key, str(e))
-                    continue
-                texts = {t: meta[t].strip() for t in self.tasks if isinstance(meta.get(t), str) and meta[t].strip()}
-            if "caption" in self.tasks and "caption" not in texts and "txt" in s:
-                caption = s["txt"].decode("utf-8", errors="replace").strip()
-                texts.update({"caption": caption} if caption else {})
-            if not texts:
-                self.errors.add("missing_text", url, key, f"none of {list(self.tasks)} in {sorted(s)}")
-                continue
-            image_key = next((k for k in _IMAGE_KEYS if k in s), None)
-            if image_key is None:
-                self.errors.add("missing_image", url, key, f"no image member in {sorted(s)}")
-                continue
             try:
-                pil = _PILRGB(image_key, s[image_key])
-            except Exception as e:
-                self.errors.add("bad_image", url, key, f"{type(e).__name__}: {e}")
+                texts = sample_texts(s, self.tasks)
+                pil = sample_image(s)
+            except BadSample as e:
+                self.errors.add(e.reason, url, key, e.detail)
                 continue
             yield {"image": self.image_transform(pil), "texts": texts, "key": key, "url": url}
 
@@ -371,6 +281,15 @@ class Loader:
                 yield item
 
 
+def check_shards(shards: list[str]) -> None:
+    """Fail early when no shard could ever be read: an empty list, or local paths none of which exists."""
+    if not shards:
+        raise ValueError("no shards given")
+    local = [u.removeprefix("file:") for u in shards if "://" not in u and not u.startswith("pipe:")]
+    if local and len(local) == len(shards) and not any(os.path.exists(u) for u in local):
+        raise FileNotFoundError(f"none of the {len(shards)} shards exists (first: {shards[0]!r}); check the path or pattern")
+
+
 def _rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is None or world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -395,11 +314,7 @@ def make_loader(urls: str | list[str], *, encode: Encode, image_transform: Calla
     shards = expand_urls(urls)
     rank, world_size = _rank_world(rank, world_size)
     tasks = tuple(tasks) if tasks else TASKS
-    if not shards:
-        raise ValueError(f"no shards in {urls!r}")
-    local = [u.removeprefix("file:") for u in shards if "://" not in u and not u.startswith("pipe:")]
-    if local and len(local) == len(shards) and not any(os.path.exists(u) for u in local):
-        raise FileNotFoundError(f"none of the {len(shards)} shards exists (first: {shards[0]!r}); check the path or pattern")
+    check_shards(shards)
     if task_mode not in ("batch", "all"):
         raise ValueError(f"task_mode must be 'batch' or 'all', got {task_mode!r}")
     if batch_size <= 0:

@@ -16,6 +16,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mm.samples import (
+    BadSample,
+    DataErrors,
+    expand_urls,
+    sample_image,
+    sample_json,
+    sample_texts,
+    shard_samples,
+)
+
 
 def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--checkpoint", default=None, help="checkpoint directory (default: the bundled model)")
@@ -29,25 +39,27 @@ def add_arguments(p: argparse.ArgumentParser):
                    help="images per task decoded with MTP speculation to measure draft acceptance (0 = skip)")
 
 
-def read_samples(urls: str, limit: int = 0) -> list[dict]:
-    """Decoded samples: {'key', 'image' (PIL), 'texts' {task: text}, 'scene' (dict or None)}."""
-    import webdataset as wds
-
+def read_samples(urls: str, limit: int = 0, tasks: list[str] | None = None,
+                 errors: DataErrors | None = None) -> list[dict]:
+    """Decoded samples: {'key', 'image' (PIL), 'texts' {task: text}, 'scene' (dict or None)}, read by the
+    same skip-and-count rules as training (`mm/samples.py`); what is skipped is counted in `errors`."""
+    from train.scenes import TASKS
     from train.stream import split_urls
 
-    ds = wds.WebDataset(split_urls(urls), shardshuffle=False, empty_check=False).decode("pilrgb")
+    errors = DataErrors() if errors is None else errors
     out = []
-    for s in ds:
-        meta = s.get("json") if isinstance(s.get("json"), dict) else {}
-        texts = {k: v for k, v in meta.items() if isinstance(v, str)}
-        if "txt" in s:
-            texts.setdefault("caption", s["txt"])
-        image = next((s[k] for k in ("png", "jpg", "jpeg", "webp") if k in s), None)
-        if image is None or not texts:
-            continue
-        out.append({"key": s["__key__"], "image": image, "texts": texts, "scene": meta.get("scene")})
-        if limit and len(out) >= limit:
-            break
+    for url in expand_urls(split_urls(urls)):
+        for s in shard_samples(url, errors):
+            try:
+                meta = sample_json(s)
+                texts = sample_texts(s, tasks or TASKS, meta)
+                image = sample_image(s)
+            except BadSample as e:
+                errors.add(e.reason, url, s.get("__key__", "?"), e.detail)
+                continue
+            out.append({"key": s["__key__"], "image": image, "texts": texts, "scene": meta.get("scene")})
+            if limit and len(out) >= limit:
+                return out
     return out
 
 
@@ -100,7 +112,7 @@ def table(results: dict) -> str:
     cols = ["exact_match", "bleu4", "rouge_l", "cider", "mtp_acceptance"]
     lines = ["| task | n | " + " | ".join(cols) + " | attributes |", "|" + "---|" * (len(cols) + 3)]
     for task, s in results.items():
-        if task == "expert_load":
+        if task in ("expert_load", "data_errors"):
             continue
         vals = " | ".join("-" if s.get(c) is None else f"{s[c]:.3f}" for c in cols)
         attrs = ", ".join(f"{k} {v:.3f}" for k, v in s.get("attributes", {}).items())
@@ -114,15 +126,28 @@ def table(results: dict) -> str:
 def run(args) -> int:
     from mm.captioner import Captioner
 
-    cap = Captioner.from_pretrained(args.checkpoint, device=args.device)
-    tasks = args.task or cap.tasks
-    for t in tasks:
-        cap.model.cfg.prompt(t)
-    samples = read_samples(args.data, args.limit)
+    try:
+        for name in ("limit", "spec_samples"):
+            if getattr(args, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        cap = Captioner.from_pretrained(args.checkpoint, device=args.device)
+        tasks = args.task or cap.tasks
+        for t in tasks:
+            cap.model.cfg.prompt(t)
+    except ValueError as e:  # bad options, CheckpointError, ConfigError (an unknown task)
+        print(f"mm eval: {e}", file=sys.stderr)
+        return 2
+    skipped = DataErrors()
+    samples = read_samples(args.data, args.limit, tasks, skipped)
+    print(f"mm eval: {len(samples)} samples; {skipped.summary()}", file=sys.stderr)
     if not samples:
         print(f"mm eval: no usable samples in {args.data}", file=sys.stderr)
         return 2
     results = evaluate(cap, samples, tasks, args.batch_size, args.spec_samples)
+    results["data_errors"] = {"total": skipped.total, "by_reason": dict(skipped.counts),
+                              "examples": skipped.examples[:10]}
     print(table(results))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

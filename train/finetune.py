@@ -92,7 +92,13 @@ def from_source(args):
 def _is_captioner(path: Path) -> bool:
     import json
 
-    return "vision" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+    from mm.checkpoint import CheckpointError
+
+    try:
+        data = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        raise CheckpointError(f"{path / 'config.json'}: not valid JSON ({e})") from e
+    return isinstance(data, dict) and "vision" in data
 
 
 def set_mtp_depths(model, depths: int):
@@ -121,7 +127,7 @@ def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int):
 
 
 def run(args) -> int:
-    from lm.config import ConfigError
+    from lm.config import CheckpointError, ConfigError
     from train.config import load_train_config
     from train.trainer import TrainingStopped, train
 
@@ -142,6 +148,9 @@ def run(args) -> int:
         return 2
     try:
         path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export)
+    except (ConfigError, CheckpointError) as e:  # found before the first step: shards, resume checkpoint
+        print(f"mm finetune: {e}", file=sys.stderr)
+        return 2
     except TrainingStopped as e:
         print(f"mm finetune: {e}", file=sys.stderr)
         return 1

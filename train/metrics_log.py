@@ -1,13 +1,24 @@
 """Run logging: JSONL metrics, a PNG of the loss curves, optional TensorBoard.
 
 Only rank 0 logs. The JSONL file is appended line by line, so a run that stops
-keeps everything it logged, and a resumed run continues the same file.
+keeps everything it logged, and a resumed run continues the same file: first it drops
+the records after the step it resumes from (the steps it will log again) and a line
+cut short by a kill, so no step appears twice.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut short when a run was killed mid-write
+        return None
+    return record if isinstance(record, dict) else None
 
 
 class RunLog:
@@ -34,7 +45,16 @@ class RunLog:
     def records(self) -> list[dict]:
         if not self.path.exists():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        return [r for line in self.path.read_text(encoding="utf-8").splitlines() if (r := _parse(line))]
+
+    def start_at(self, step: int) -> None:
+        """Keep only the records of steps <= `step` (the run continues after it), atomically."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [r for r in self.records() if isinstance(r.get("step"), int) and r["step"] <= step]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def plot(self, png: Path):
         """Loss curves (main, MTP, validation) against the step."""

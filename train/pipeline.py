@@ -41,7 +41,7 @@ from mm.tokenizer import Tokenizer
 from train import dist as D
 from train import pipeline_checkpoint as C
 from train import trainer as T
-from train.checkpoints import latest_checkpoint
+from train.checkpoints import latest_checkpoint, resume_from
 from train.config import TrainConfig
 from train.metrics_log import RunLog
 from train.pipeline_stages import (
@@ -245,9 +245,9 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     say = (lambda m: T.tqdm.write(m)) if info.is_main else (lambda m: None)
-    tokenizer = tokenizer or T.build_tokenizer(cfg, info, out_dir)
+    tokenizer = tokenizer or T.build_tokenizer(cfg, info, out_dir, say)
     model = model or T.build_model(cfg, tokenizer)
-    ckpt = T.resume_point(model, cfg, info, resume, say)
+    candidates = T.resume_point(model, cfg, info, resume, say)
     # device, channels_last and FP8 as the trainer does; no DDP wrapping (single-process info)
     model = T.prepare(model, cfg, D.DistInfo(device=info.device), log=say)
     transform, n_image = T.image_transform(model), model.num_image_tokens
@@ -257,33 +257,31 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
     say(f"pipeline: {grid.pp_size} ranks x {grid.dp_size} replicas, {cfg.pipeline.schedule}, "
         f"{cfg.pipeline.microbatches} microbatches; this rank runs stages {pipe.stage_ids}")
     opt, sched = T.build_optimizer(pipe.parts, cfg)
-    state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
-    if ckpt is not None:
-        state = C.load(pipe, ckpt, opt, sched)
+    state = T.fresh_state()
+    if candidates:
+        ckpt, state = resume_from(candidates, lambda p: C.load(pipe, p, opt, sched), say)
         say(f"resumed from {ckpt} at step {state['step']}")
     stream = T.DataStream(cfg, cfg.data.train, tokenizer, n_image, transform, grid.data_info,
                           position=state["data"])
     runlog = RunLog(out_dir, info.is_main, cfg.tensorboard)
+    runlog.start_at(state["step"])
     pipe.parts.train()
-    window, t0, last = [], time.perf_counter(), None
+    t0, last = time.perf_counter(), None
     while state["step"] < cfg.optim.max_steps:
         stats = train_step(pipe, opt, sched, stream, cfg)
-        state["step"] += 1
-        state["data"] = stream.position()
-        state["skipped"] += stats["skipped"]
-        state["bad_steps"] = state["bad_steps"] + 1 if stats["skipped"] else 0
-        if stats["skipped"] and state["bad_steps"] >= cfg.max_bad_steps:
+        T.count_step(state, stats, stream)
+        if state["bad_steps"] >= cfg.max_bad_steps:
             last = C.save(pipe, tokenizer, opt, sched, state, cfg, runlog)
             raise T.TrainingStopped(f"{state['bad_steps']} consecutive steps had a non-finite loss (step "
                                     f"{state['step']}); the last good weights are saved in {last}. Lower optim.lr.")
-        window.append(stats)
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.max_steps:
-            record = T._log_record(window, time.perf_counter() - t0, state, sched, stream, grid.data_info)
+            record = T._log_record(state["log_window"], time.perf_counter() - t0, state, sched, stream,
+                                   grid.data_info)
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 record["val_loss"] = evaluate(pipe, cfg, tokenizer, transform, n_image)
             runlog.write(record)
             say(f"step {state['step']}: loss {record['loss_main']:.4f}, {record['tokens_per_s']:.0f} tok/s")
-            window, t0 = [], time.perf_counter()
+            state["log_window"], t0 = [], time.perf_counter()
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.optim.max_steps:
             last = C.save(pipe, tokenizer, opt, sched, state, cfg, runlog)
     if export:

@@ -14,17 +14,14 @@ interchangeable. The cost is one gather of weights + optimiser state per save on
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
 from mm.checkpoint import CheckpointError, load_state_strict
 from train import dist as D
 from train import trainer as T
-from train.checkpoints import STATE_FILE
+from train.checkpoints import STATE_FILE, apply_state, read_train_state, restore_rng, run_state
 
 PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")  # LR-scheduler entries that hold one value per group
 
@@ -126,14 +123,10 @@ def save(pipe, tokenizer, opt, sched, state: dict, cfg, runlog) -> Path:
 def load(pipe, path, opt, sched) -> dict:
     """Restore this rank's weights and optimiser share, the scheduler and RNG; returns the run state."""
     path = Path(path)
-    if not (path / STATE_FILE).is_file():
-        raise CheckpointError(f"{path} is not a training checkpoint (no {STATE_FILE})")
-    weights = load_file(str(path / "model.safetensors"))
+    weights, blob = read_train_state(path)  # read whole first: a damaged checkpoint changes nothing
     own = pipe.parts.state_dict()
     load_state_strict(pipe.parts, {k: v for k, v in weights.items() if k in own}, str(path / "model.safetensors"))
-    blob = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     load_optim_state(opt, pipe.parts, blob["optimizer"], pipe.full_groups, str(path / STATE_FILE))
-    load_sched_state(sched, opt, pipe.parts, blob["scheduler"], pipe.full_groups)
-    torch.set_rng_state(blob["rng_torch"])
-    random.setstate((blob["rng_python_version"], tuple(blob["rng_python"]), blob["rng_python_gauss"]))
-    return {k: blob[k] for k in ("step", "data", "bad_steps", "skipped")}
+    apply_state(path, lambda: load_sched_state(sched, opt, pipe.parts, blob["scheduler"], pipe.full_groups))
+    apply_state(path, lambda: restore_rng(blob))
+    return run_state(blob)

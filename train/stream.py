@@ -4,32 +4,35 @@ The position is (epoch, batch index within the epoch). Each epoch's order depend
 only on (seed, epoch, rank), so a resumed run rebuilds the epoch's loader and skips
 the batches it had already used: the batches that follow are the ones an
 uninterrupted run would have seen.
+
+Skipped samples are counted over the whole run: the position carries the counts of the
+epochs before the current one (so they survive a resume), and the current epoch's are
+the loader's own, which also takes the records that arrive after an epoch's last batch.
 """
 
 from __future__ import annotations
 
-import webdataset as wds
+from collections import Counter
 
+from mm.samples import BadSample, DataErrors, expand_urls, sample_texts, shard_samples
 from train.config import TrainConfig
 from train.data import dataset_size, make_loader
 
 
-def read_texts(urls: str, tasks: list[str], limit: int) -> list[str]:
-    """Up to `limit` caption texts (every task a sample has) without decoding any image."""
-    texts = []
-    keep = {"json", "txt"}
-    every_shard = lambda src: src  # noqa: E731 (one process reads all shards, also under torchrun)
-    ds = wds.WebDataset(split_urls(urls), shardshuffle=False, empty_check=False, nodesplitter=every_shard).map(
-        lambda s: {k: v for k, v in s.items() if k in keep or k.startswith("__")}
-    ).decode()
-    for sample in ds:
-        found = dict(sample["json"]) if isinstance(sample.get("json"), dict) else {}
-        if "txt" in sample:
-            found.setdefault("caption", sample["txt"])
-        texts += [str(found[t]) for t in tasks if isinstance(found.get(t), str)]
-        if len(texts) >= limit:
-            break
-    return texts[:limit]
+def read_texts(urls: str, tasks: list[str], limit: int, errors: DataErrors | None = None) -> list[str]:
+    """Up to `limit` texts (every task a sample has, in task order) for the tokenizer, by the readers'
+    text and shard rules (images are not decoded); what is skipped is counted in `errors`."""
+    errors = DataErrors() if errors is None else errors
+    texts: list[str] = []
+    for url in expand_urls(split_urls(urls)):  # one process reads every shard, also under torchrun
+        for sample in shard_samples(url, errors):
+            try:
+                texts += sample_texts(sample, tasks).values()
+            except BadSample as e:
+                errors.add(e.reason, url, sample.get("__key__", "?"), e.detail)
+            if len(texts) >= limit:
+                return texts[:limit]
+    return texts
 
 
 def split_urls(urls: str) -> list[str] | str:
@@ -57,8 +60,9 @@ class DataStream:
         self.epoch_batches = cfg.data.epoch_batches or self._batches_from_sizes()
         pos = position or {"epoch": 0, "batch": 0}
         self.epoch, self.batch = pos["epoch"], 0
-        self._errors: dict[int, int] = {}
-        self._summaries: dict[int, str] = {}
+        self._earlier = Counter(pos.get("skipped_earlier", {}))  # skips of the epochs before this one
+        self._examples: list[dict] = []
+        self.loader = None
         self._start_epoch(skip=pos["batch"])
 
     def _batches_from_sizes(self) -> int:
@@ -67,6 +71,9 @@ class DataStream:
         return max(1, n // per_step) if n else 1000
 
     def _start_epoch(self, skip: int = 0):
+        if self.loader is not None:  # the epoch that ends: its skips join the earlier ones
+            self._earlier.update(self.loader.errors.counts)
+            self._examples += self.loader.errors.examples[: 100 - len(self._examples)]
         d = self.cfg.data
         self.loader = make_loader(
             self.urls, encode=self.encode, image_transform=self.transform, batch_size=self.cfg.optim.batch_size,
@@ -87,8 +94,6 @@ class DataStream:
         except StopIteration:
             return None
         self.batch += 1
-        self._errors[self.epoch] = self.loader.errors.total
-        self._summaries[self.epoch] = self.loader.errors.summary()
         return batch
 
     def next(self, stop_at_epoch_end: bool = False):
@@ -104,10 +109,11 @@ class DataStream:
             self._start_epoch()
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "batch": self.batch}
+        return {"epoch": self.epoch, "batch": self.batch, "skipped_earlier": dict(self._earlier)}
 
-    def errors_seen(self) -> int:
-        return sum(self._errors.values())
-
-    def error_summary(self) -> str:
-        return " | ".join(f"epoch {e}: {s}" for e, s in sorted(self._summaries.items()) if self._errors.get(e))
+    def data_errors(self) -> DataErrors:
+        """Everything skipped so far in the run (examples only from this process's epochs)."""
+        seen = DataErrors()
+        seen.merge({"counts": dict(self._earlier), "examples": self._examples})
+        seen.merge({"counts": dict(self.loader.errors.counts), "examples": self.loader.errors.examples})
+        return seen

@@ -22,13 +22,22 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import lm
+from lm.config import CheckpointError, ConfigError
 from mm.model import CaptionModel
+from mm.samples import DataErrors, expand_urls
 from mm.tokenizer import Tokenizer
 from train import dist as D
-from train.checkpoints import latest_checkpoint, load_train_state, save_training_checkpoint
+from train.checkpoints import (
+    latest_checkpoint,
+    load_train_state,
+    resume_candidates,
+    resume_from,
+    save_training_checkpoint,
+)
 from train.config import TrainConfig
+from train.data import check_shards
 from train.metrics_log import RunLog
-from train.stream import DataStream, read_texts
+from train.stream import DataStream, read_texts, split_urls
 from vision.preprocess import build_transform
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp8": torch.bfloat16}
@@ -38,18 +47,40 @@ class TrainingStopped(RuntimeError):
     """Too many consecutive non-finite losses: the run stops instead of drifting."""
 
 
-def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path) -> Tokenizer:
+def check_runnable(cfg: TrainConfig) -> None:
+    """What the config alone cannot check, before any work: the shards and the tokenizer file."""
+    if not cfg.data.train:
+        raise ConfigError("data.train is empty: give the training shards (e.g. 'data/train-{000000..000009}.tar')")
+    for name in ("train", "val") if cfg.data.val else ("train",):
+        try:
+            check_shards(expand_urls(split_urls(getattr(cfg.data, name))))
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"data.{name}: {e}") from e
+    if cfg.tokenizer and not Path(cfg.tokenizer).exists():
+        raise ConfigError(f"tokenizer: {cfg.tokenizer} does not exist")
+
+
+def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path, say=print) -> Tokenizer:
     if cfg.tokenizer:
-        return Tokenizer.from_file(cfg.tokenizer)
+        try:
+            return Tokenizer.from_file(cfg.tokenizer)
+        except ValueError as e:
+            raise ConfigError(f"tokenizer: {e}") from e
     path = out_dir / "tokenizer.json"
     if info.is_main and not path.exists():
-        texts = read_texts(cfg.data.train, cfg.data.tasks, cfg.tokenizer_samples)
+        skipped = DataErrors()
+        texts = read_texts(cfg.data.train, cfg.data.tasks, cfg.tokenizer_samples, skipped)
+        say(f"tokenizer: trained on {len(texts)} texts; {skipped.summary()}")
         if not texts:
-            raise ValueError(f"no captions found in {cfg.data.train!r} to train a tokenizer on")
+            raise ConfigError(f"data.train: no usable texts in {cfg.data.train!r} to train a tokenizer on "
+                              f"({skipped.summary()})")
         out_dir.mkdir(parents=True, exist_ok=True)
         Tokenizer.train(texts, vocab_size=cfg.tokenizer_vocab).save(path)
     D.barrier(info)
-    return Tokenizer.from_file(path)
+    try:
+        return Tokenizer.from_file(path)
+    except ValueError as e:  # the run's own tokenizer, damaged since it was written
+        raise CheckpointError(f"{e}; delete it to train a new one (a resumed run needs the original)") from e
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> CaptionModel:
@@ -185,6 +216,7 @@ def _plain_precision(raw, cfg: TrainConfig):
 def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | None = None,
           tokenizer: Tokenizer | None = None, export: str | None = None) -> Path:
     """Run (or continue) a training run; returns the final checkpoint directory."""
+    check_runnable(cfg)
     if cfg.pipeline.stages > 1:
         from train import pipeline
 
@@ -194,55 +226,47 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     say = (lambda m: tqdm.write(m)) if info.is_main else (lambda m: None)
-    tokenizer = tokenizer or build_tokenizer(cfg, info, out_dir)
+    tokenizer = tokenizer or build_tokenizer(cfg, info, out_dir, say)
     model = model or build_model(cfg, tokenizer)
     raw = model
-    ckpt = resume_point(raw, cfg, info, resume, say)
+    candidates = resume_point(raw, cfg, info, resume, say)
     model = prepare(model, cfg, info, log=say)
     opt, sched = build_optimizer(raw, cfg)
-    state = {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0}
-    if ckpt is not None:
-        state = load_train_state(ckpt, raw, opt, sched, info)
+    state = fresh_state()
+    if candidates:
+        ckpt, state = resume_from(candidates, lambda p: load_train_state(p, raw, opt, sched, info), say)
         say(f"resumed from {ckpt} at step {state['step']}")
     stream = DataStream(cfg, cfg.data.train, tokenizer, raw.num_image_tokens, image_transform(raw), info,
                         position=state["data"])
     runlog = RunLog(out_dir, info.is_main, cfg.tensorboard)
+    runlog.start_at(state["step"])
     _describe(raw, say)
     model.train()
     bar = tqdm(total=cfg.optim.max_steps, initial=state["step"], disable=not info.is_main,
                dynamic_ncols=True, desc="train")
-    window, t0 = [], time.perf_counter()
-    last = None
+    t0, last = time.perf_counter(), None
     while state["step"] < cfg.optim.max_steps:
         stats = train_step(model, opt, sched, stream, cfg, info)
-        state["step"] += 1
-        state["data"] = stream.position()
-        if stats["skipped"]:
-            state["skipped"] += 1
-            state["bad_steps"] += 1
-            if state["bad_steps"] >= cfg.max_bad_steps:
-                last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
-                raise TrainingStopped(
-                    f"{state['bad_steps']} consecutive steps had a non-finite loss (step {state['step']}); "
-                    f"the last good weights are saved in {last}. Lower optim.lr or check the data."
-                )
-        else:
-            state["bad_steps"] = 0
-        window.append(stats)
+        count_step(state, stats, stream)
+        if state["bad_steps"] >= cfg.max_bad_steps:
+            last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
+            raise TrainingStopped(
+                f"{state['bad_steps']} consecutive steps had a non-finite loss (step {state['step']}); "
+                f"the last good weights are saved in {last}. Lower optim.lr or check the data."
+            )
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == cfg.optim.max_steps:
-            record = _log_record(window, time.perf_counter() - t0, state, sched, stream, info)
+            record = _log_record(state["log_window"], time.perf_counter() - t0, state, sched, stream, info)
             if cfg.eval_every and state["step"] % cfg.eval_every == 0:
                 record["val_loss"] = evaluate(model, cfg, tokenizer, info)
             runlog.write(record)
             bar.set_postfix(loss=f"{record['loss_main']:.3f}", lr=f"{record['lr']:.2e}",
                             tok_s=f"{record['tokens_per_s']:.0f}", img_s=f"{record['images_per_s']:.1f}")
-            window, t0 = [], time.perf_counter()
+            state["log_window"], t0 = [], time.perf_counter()
         if state["step"] % cfg.save_every == 0 or state["step"] == cfg.optim.max_steps:
             last = save(raw, tokenizer, opt, sched, state, cfg, info, runlog)
     bar.close()
-    if stream.errors_seen():
-        say(f"data: {stream.error_summary()}")
+    say(stream.data_errors().summary())
     if last is None:
         last = latest_checkpoint(out_dir)
     if export and info.is_main:
@@ -253,12 +277,27 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     return last
 
 
-def resume_point(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, resume: str | None, say) -> Path | None:
-    """The checkpoint to resume from; None starts a fresh run, whose encoder gets the warm-up first."""
-    ckpt = latest_checkpoint(Path(cfg.out_dir)) if resume == "auto" else (Path(resume) if resume else None)
-    if ckpt is None and cfg.vision_warmup.steps > 0:
+def fresh_state() -> dict:
+    """The run state a checkpoint saves; `log_window` holds the steps since the last log record, so
+    a resumed run's first record averages the same steps as an uninterrupted run's."""
+    return {"step": 0, "data": {"epoch": 0, "batch": 0}, "bad_steps": 0, "skipped": 0, "log_window": []}
+
+
+def count_step(state: dict, stats: dict, stream: DataStream) -> None:
+    state["step"] += 1
+    state["data"] = stream.position()
+    state["skipped"] += stats["skipped"]
+    state["bad_steps"] = state["bad_steps"] + 1 if stats["skipped"] else 0
+    state["log_window"].append(stats)
+
+
+def resume_point(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, resume: str | None, say) -> list[Path]:
+    """The checkpoints to try resuming from, in order (see resume_from); none starts a fresh run,
+    whose encoder gets the warm-up first."""
+    candidates = resume_candidates(cfg.out_dir, resume)
+    if not candidates and cfg.vision_warmup.steps > 0:
         warm_up(raw, cfg, info, say)
-    return ckpt
+    return candidates
 
 
 def warm_up(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, say) -> dict[str, float]:
@@ -292,10 +331,12 @@ def _log_record(window, seconds, state, sched, stream, info) -> dict:
     rec["images_per_s"] = sum(w["images"] for w in window) * info.world_size / max(seconds, 1e-9)
     loads = [w["load"] for w in done if w.get("load") is not None]
     if loads:  # balance over the whole interval (several batches and tasks), per MoE layer
-        rec["expert_load_max_over_mean"] = lm.max_over_mean(torch.stack(loads).sum(0))
+        rec["expert_load_max_over_mean"] = lm.max_over_mean(torch.stack([x.cpu() for x in loads]).sum(0))
         rec["expert_load_last_step"] = done[-1]["load_max_over_mean"]
     rec["skipped_steps"] = state["skipped"]
-    rec["data_errors"] = stream.errors_seen()
+    skipped = stream.data_errors()
+    rec["data_errors"] = skipped.total
+    rec["data_errors_by_reason"] = dict(skipped.counts)
     return rec
 
 

@@ -56,7 +56,7 @@ def _open(x: Any, source: str) -> Image.Image:
     if isinstance(x, (str, Path)):
         path = Path(x).expanduser()
         if not path.is_file():
-            raise ImageError(f"{source}: no such file")
+            raise ImageError(f"{source}: {'a directory, not an image file' if path.is_dir() else 'no such file'}")
         return Image.open(io.BytesIO(path.read_bytes()))  # no file handle left open (multi-frame files)
     if isinstance(x, (bytes, bytearray, memoryview)):
         if len(x) == 0:
@@ -109,8 +109,8 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{source}: refused as a decompression bomb by PIL ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:  # PIL raises all three for unreadable data
-        raise ImageError(f"{source}: not a readable image ({e})") from e
+    except Exception as e:  # PIL's plugins raise OSError, SyntaxError, ValueError, struct.error, ... on bad bytes
+        raise ImageError(f"{source}: not a readable image ({type(e).__name__}: {e})") from e
     width, height = img.size
     if width == 0 or height == 0:
         raise ImageError(f"{source}: zero-size image ({width}x{height})")
@@ -124,8 +124,8 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # skip exif_transpose's copy when upright
             img = ImageOps.exif_transpose(img)
         return to_rgb(img)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{source}: cannot decode ({e})") from e
+    except Exception as e:
+        raise ImageError(f"{source}: cannot decode ({type(e).__name__}: {e})") from e
 
 
 class ImageTransform:

@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lm
-from lm.config import ConfigError
+from lm.config import CheckpointError, ConfigError
 from lm.hf import config_from_hf, load_hf, save_hf
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
@@ -172,10 +172,10 @@ def test_errors_name_the_tensor(random_model, tmp_path):
     with pytest.raises(ValueError, match=r"kv_b_proj\.weight' has shape \[32, 10\], expected \[32, 16\]"):
         load_hf(tmp_path)
     rewrite(tmp_path, lambda t: t.pop(key))
-    with pytest.raises(KeyError, match="kv_b_proj"):
+    with pytest.raises(CheckpointError, match="kv_b_proj"):
         load_hf(tmp_path)
     rewrite(tmp_path, lambda t: t.update({key: torch.zeros(32, 16), "model.layers.1.mlp.extra.weight": torch.zeros(1)}))
-    with pytest.raises(KeyError, match=r"mlp\.extra\.weight"):
+    with pytest.raises(CheckpointError, match=r"mlp\.extra\.weight"):
         load_hf(tmp_path)
     fp8 = "model.layers.0.mlp.up_proj.weight"
     rewrite(tmp_path, lambda t: (t.pop("model.layers.1.mlp.extra.weight"),
@@ -183,8 +183,9 @@ def test_errors_name_the_tensor(random_model, tmp_path):
     with pytest.raises(ValueError, match=r"up_proj\.weight_scale_inv of shape \[1, 1\], found none"):
         load_hf(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-    with pytest.raises(ConfigError, match="model_type 'mistral'"):
+    with pytest.raises(CheckpointError, match=r"config\.json.*model_type 'mistral'") as e:
         load_hf(tmp_path)
+    assert str(e.value).count("config.json") == 1
 
 
 def test_shared_head_norm_is_the_mtp_final_norm(random_model, tmp_path):
@@ -212,7 +213,7 @@ def test_shared_head_norm_is_the_mtp_final_norm(random_model, tmp_path):
 def test_mtp_layer_without_shared_head_norm_is_an_error(random_model, tmp_path):
     save_hf(random_model(), tmp_path)
     rewrite(tmp_path, lambda t: t.pop("model.layers.2.shared_head.norm.weight"))
-    with pytest.raises(KeyError, match=r"model\.layers\.2\.shared_head\.norm\.weight.*own final norm"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.2\.shared_head\.norm\.weight.*own final norm"):
         load_hf(tmp_path)
     rewrite(tmp_path, lambda t: [t.pop(n) for n in list(t) if n.startswith("model.layers.2.")])
     with pytest.warns(UserWarning, match="no MTP weights"):  # no MTP layer at all: loads without MTP
@@ -226,3 +227,58 @@ def test_v2_refuses_the_v3_router(random_model, tmp_path):
     back = load_hf(save_hf(model, tmp_path, model_type="deepseek_v2"))
     assert back.cfg == model.cfg
     assert_same_state(model, back)
+
+
+def test_directory_problems_name_the_file(random_model, tmp_path):
+    save_hf(random_model(), tmp_path, shard_size=4096)
+    index = tmp_path / "model.safetensors.index.json"
+    good_index = index.read_text()
+    index.write_text(json.dumps({"metadata": {}}))
+    with pytest.raises(CheckpointError, match=r"index\.json has no 'weight_map'"):
+        load_hf(tmp_path)
+    index.write_text("{oops")
+    with pytest.raises(CheckpointError, match=r"index\.json: not a readable JSON file"):
+        load_hf(tmp_path)
+    index.write_text(good_index)
+    shard = tmp_path / sorted(set(json.loads(good_index)["weight_map"].values()))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"{shard.name}: not a readable safetensors file"):
+        load_hf(tmp_path)
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=shard.name):
+        load_hf(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text("{\"model_type\": ")
+    with pytest.raises(CheckpointError, match=r"config\.json: not a readable JSON file"):
+        load_hf(tmp_path)
+    config.unlink()
+    with pytest.raises(CheckpointError, match=r"config\.json does not exist"):
+        load_hf(tmp_path)
+    with pytest.raises(CheckpointError, match="not a directory"):
+        load_hf(tmp_path / "nowhere")
+
+
+def test_unsupported_tensor_dtype_is_named(random_model, tmp_path):
+    save_hf(random_model(), tmp_path)
+    key = "model.layers.0.mlp.up_proj.weight"
+    rewrite(tmp_path, lambda t: t.update({key: t[key].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"{key}.*dtype I32"):
+        load_hf(tmp_path)
+
+
+def test_layer_count_is_checked_before_the_model_is_built(random_model, tmp_path, monkeypatch):
+    save_hf(random_model(), tmp_path)  # 2 layers + the MTP layer
+    config = tmp_path / "config.json"
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "num_hidden_layers": 20000}))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was built")
+
+    monkeypatch.setattr(lm.hf, "Transformer", never)
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers=20000, but the weights have layers 0\.\.2"):
+        load_hf(tmp_path)
+    config.write_text(json.dumps({**cfg, "num_hidden_layers": 1, "num_nextn_predict_layers": 0}))
+    with pytest.raises(CheckpointError, match=r"layers \[1, 2\] beyond num_hidden_layers=1"):
+        load_hf(tmp_path)

@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import tokenizers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tokenizers import models, pre_tokenizers
 
 from mm.tokenizer import IGNORE_INDEX, StreamDecoder, Tokenizer
@@ -149,3 +151,34 @@ def test_stream_decoder_flushes_an_unfinished_character(tok):
     stream = tok.stream_decoder()
     assert [stream.push(i) for i in ids[:-1]] == [""] * (len(ids) - 1)
     assert stream.flush() == "\ufffd"
+
+
+ANY_TEXT = settings(max_examples=200, deadline=None)
+
+
+@ANY_TEXT
+@given(st.text())
+def test_any_text_round_trips_whole_and_streamed(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    stream = tok.stream_decoder()
+    assert "".join(stream.push(i) for i in ids) + stream.flush() == text
+
+
+@ANY_TEXT
+@given(st.lists(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF) | st.characters(), min_size=1)
+       .map("".join))  # not st.text: it leaves surrogates out
+def test_text_with_lone_surrogates_is_a_value_error(tok, text):
+    has_surrogate = any(0xD800 <= ord(c) <= 0xDFFF for c in text)
+    try:
+        ids = tok.encode(text)
+    except ValueError as e:
+        assert has_surrogate and "lone surrogate" in str(e)
+        return
+    assert not has_surrogate and tok.decode(ids) == text
+
+
+@ANY_TEXT
+@given(st.lists(st.integers(-(2**70), 2**70) | st.integers(0, 600), max_size=12))
+def test_any_ids_decode_to_text(tok, ids):
+    assert tok.decode(ids) == tok.decode([i for i in ids if 0 <= i < tok.vocab_size])

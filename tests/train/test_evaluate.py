@@ -12,7 +12,8 @@ def test_eval_writes_scores_for_each_task(trained_micro, synth_shards, tmp_path,
                "--task", "caption", "--task", "describe", "--spec-samples", "3", "--out", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())
-    assert set(res) == {"caption", "describe", "expert_load"}
+    assert set(res) == {"caption", "describe", "expert_load", "data_errors"}
+    assert res["data_errors"] == {"total": 0, "by_reason": {}, "examples": []}
     for task in ("caption", "describe"):
         s = res[task]
         assert s["n"] == 12 and 0.0 <= s["exact_match"] <= 1.0
@@ -36,3 +37,16 @@ def test_eval_without_usable_samples(trained_micro, tmp_path, capsys):
         pass
     assert main(["eval", "--checkpoint", str(trained_micro), "--data", str(empty)]) == 2
     assert "no usable samples" in capsys.readouterr().err
+
+
+def test_eval_counts_broken_samples_by_the_shared_rules(trained_micro, synth_shards, tmp_path, capsys):
+    data = open(synth_shards["test"], "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "eval.json"
+    rc = main(["eval", "--checkpoint", str(trained_micro), "--data", str(cut), "--task", "caption",
+               "--spec-samples", "0", "--out", str(out)])
+    assert rc == 0
+    skipped = json.loads(out.read_text())["data_errors"]
+    assert skipped["by_reason"]["bad_shard"] == 1 and skipped["examples"][0]["url"] == str(cut)
+    assert "bad_shard 1" in capsys.readouterr().err

@@ -148,3 +148,27 @@ def test_chained_drafts_on_the_bundled_model_are_exact_and_mostly_accepted():
         short = cap.run(images[:1], task="describe", max_new_tokens=limit)
         chained = cap.run(images[:1], task="describe", max_new_tokens=limit, speculative=True, draft_tokens=3)
         assert chained.texts == short.texts and chained.stats.new_tokens == short.stats.new_tokens == limit
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_fast_decoder_gives_the_reference_tokens_on_the_bundled_model(dtype):
+    """lm.Decoder (fused weights, one-buffer cache, experts by views) decodes the bundled model
+    token for token as the reference path through Transformer.forward, batched and speculative."""
+    from mm.captioner import Captioner
+    from mm.generate import Reference
+
+    cap = Captioner.from_pretrained(None, device="cpu", dtype=dtype)
+    images = [render(sample_scene(sample_rng("test", 6, i))) for i in range(6)]
+    fast = cap.decoder
+    for task in ("caption", "describe", "caption_zh", "describe_zh"):
+        for options in ({}, {"speculative": True}):
+            cap.decoder = Reference(cap.model.lm)
+            want = cap.run(images, task=task, **options)
+            cap.decoder = fast
+            got = cap.run(images, task=task, **options)
+            assert got.texts == want.texts, (task, options)
+            if dtype == "fp32":
+                assert got.stats.expert_load == want.stats.expert_load, (task, options)
+            else:  # bf16 rounds the two paths' sums differently: a near-tie in routing may flip
+                a, b = torch.tensor(got.stats.expert_load), torch.tensor(want.stats.expert_load)
+                assert a.sum() == b.sum() and (a - b).abs().sum() <= 0.02 * b.sum(), (task, options)

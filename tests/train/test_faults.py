@@ -5,7 +5,7 @@ restarted with `--resume auto` until it finishes. The invariant: it ends with th
 uninterrupted run, bit for bit, and the same log (each step once, the same losses), and leaves no
 stale folder behind.
 
-Each attempt runs in a forked child with one thread (the parent runs the reference the same way,
+Each attempt runs in a spawned child with one thread (the parent runs the reference the same way,
 so thread count cannot change the numbers); a kill is the child sending itself SIGKILL.
 """
 
@@ -107,8 +107,10 @@ def _attempt(cfg, kind, nth, resume) -> None:
 
 
 def _run(cfg, kind=None, nth=0, resume=None) -> int:
-    """One attempt in a forked child: its exit code, -9 when the fault killed it."""
-    proc = multiprocessing.get_context("fork").Process(target=_attempt, args=(cfg, kind, nth, resume))
+    """One attempt in a fresh (spawned) child: its exit code, -9 when the fault killed it. Not
+    forked: a parent that has run autograd on other threads (the app and engine tests) cannot fork
+    a child that trains."""
+    proc = multiprocessing.get_context("spawn").Process(target=_attempt, args=(cfg, kind, nth, resume))
     proc.start()
     proc.join(timeout=300)
     if proc.is_alive():

@@ -270,10 +270,17 @@ class Engine:
     def _step(self) -> None:
         n = len(self.rows)
         dev = self.cache.layers[0].buf.device
-        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], device=dev)
-        positions = torch.tensor([[r.pos] for r in self.rows], device=dev)
-        bound = self.cache.max_len if self.dec.compiled else max(r.pos for r in self.rows) + 1
-        out = self.dec(self.dec.embed(ids), self.cache.rows(n), positions, bound=bound)
+        ids, positions = [r.tokens[-1] for r in self.rows], [r.pos for r in self.rows]
+        if self.dec.compiled:  # batch sizes in powers of two: a handful of graphs, not one per size
+            m = min(1 << (n - 1).bit_length(), self.max_batch)
+            ids += [self.tok.eos_id] * (m - n)  # idle rows write slot 0 of free rows: admission overwrites it
+            positions += [0] * (m - n)
+            bound = self.cache.max_len
+        else:
+            m, bound = n, max(positions) + 1
+        ids = torch.tensor(ids, device=dev)[:, None]
+        positions = torch.tensor(positions, device=dev)[:, None]
+        out = self.dec(self.dec.embed(ids), self.cache.rows(m), positions, bound=bound)
         for i, row in enumerate(self.rows):
             row.pos += 1
             row.load += out.counts[:, i]

@@ -175,6 +175,8 @@ class _Session:
         t0 = time.perf_counter()
         embeds = model.embed(prefix_ids, model.encode_images(images))
         b, n = prefix_ids.shape
+        if getattr(decoder, "compiled", False):  # a compiled step attends the whole buffer: sizes in
+            max_len = -(-max_len // 64) * 64     # steps of 64 let tasks and lengths share its graph
         self.cache = decoder.new_cache(b, max_len)
         self.positions = torch.arange(self.cache.max_len, device=prefix_ids.device)
         self.out = decoder(embeds, self.cache, self.positions[:n].expand(b, n), bound=n, last_only=True,

@@ -12,7 +12,9 @@ and runs a block in a few dozen calls:
   latent space and its value half takes the output out of it, one batched product over
   the heads each. (Folding those halves into wq and wo would save two products but
   multiply those weights' bytes by kv_lora_rank / qk_nope_head_dim, and a decode step
-  is bound by the bytes it reads.) The cache holds [kv | k_pe] per token in one buffer,
+  is bound by the bytes it reads.) A prefill, with many new tokens, instead expands the
+  latent into per-head keys and values once, as the reference's naive path does.
+  The cache holds [kv | k_pe] per token in one buffer,
   so the scores of all heads of all new tokens are ONE batched product against it: in
   latent space MLA is multi-query attention.
 - Positions per row. Row b's new token t is written to cache slot positions[b, t] and
@@ -102,6 +104,10 @@ class _Attention:
                 zeros = bkv_a.new_zeros(h * max(nope, r))
                 self.b_a = torch.cat([zeros[: h * nope], bkv_a[:c], zeros[: h * r], bkv_a[c:]]).detach().to(dtype)
         self.kv_norm = attn.kv_norm.weight.detach().to(dtype)
+        self.wkv_b = attn.wkv_b.weight.detach().to(dtype)
+        # Past this many new tokens (a prefill) expanding the latent into per-head keys and values
+        # once costs less than attending in latent space (kv_lora_rank per head per pair).
+        self.expand_from = (nope + v) // 2
         self.w_o = attn.wo.weight.detach().to(dtype)
         self.b_o = None if attn.wo.bias is None else attn.wo.bias.detach().to(dtype)
 
@@ -116,6 +122,8 @@ class _Attention:
             q_nope, kv, pe = F.linear(x, self.w_a, self.b_a).split([h * nope, lat, (h + 1) * r], -1)
         pe = rotate(pe.view(b, t, h + 1, r), c, s)  # the heads' rope queries and the shared rope key
         buf.index_put_((rows, positions), torch.cat([rms_norm(kv, self.kv_norm, LATENT_EPS), pe[:, :, h]], -1))
+        if t > self.expand_from:
+            return self._expanded(q_nope, pe, buf[:, :bound], mask_bias)
         q_lat = torch.bmm(q_nope.reshape(b * t, h, nope).transpose(0, 1), self.w_uk)  # [H, B*T, C]
         q = torch.cat([q_lat.view(h, b, t, lat).permute(1, 2, 0, 3), pe[:, :, :h]], -1).view(b, t * h, lat + r)
         keys = buf[:, :bound]  # [B, S, C + R]
@@ -124,6 +132,20 @@ class _Attention:
         out = torch.bmm(probs.view(b, t * h, bound), keys[..., :lat])  # [B, T*H, C]: values are the latent
         out = torch.bmm(out.view(b * t, h, lat).transpose(0, 1), self.w_uv_t)  # [H, B*T, v]
         return F.linear(out.transpose(0, 1).reshape(b, t, h * self.v), self.w_o, self.b_o)
+
+
+    def _expanded(self, q_nope, pe, keys, mask_bias):
+        """The naive path (lm.MLA._naive) over the cached slots: per-head keys and values from the
+        latent, then scaled-dot-product attention."""
+        b, t, _ = q_nope.shape
+        h, lat, nope, s = self.h, self.c, self.nope, keys.shape[1]
+        kv = F.linear(keys[..., :lat], self.wkv_b).view(b, s, h, nope + self.v)
+        k_nope, v = kv.split([nope, self.v], -1)
+        k = torch.cat([k_nope, keys[:, :, None, lat:].expand(b, s, h, self.r)], -1)
+        q = torch.cat([q_nope.view(b, t, h, nope), pe[:, :, :h]], -1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=mask_bias.transpose(1, 2).to(q.dtype), scale=self.scale)
+        return F.linear(out.transpose(1, 2).reshape(b, t, h * self.v), self.w_o, self.b_o)
 
 
 class _MLP:
@@ -159,9 +181,11 @@ class _MoE:
         flat = x.view(-1, d)
         weights, idx, _ = route(F.linear(flat.float(), self.gate), self.bias, self.cfg)
         n, k = idx.shape
-        if flat.device.type == "cpu" and not torch.compiler.is_compiling():
+        few = n * k <= self.gather_limit
+        if flat.device.type == "cpu" and (not few or not torch.compiler.is_compiling()):
+            # (compiled, many pairs: the host ids break the graph here; CPU grouped_mm does not compile)
             y = self._by_views(flat, weights, idx)
-        elif n * k <= self.gather_limit:
+        elif few:
             y = self._gathered(flat, weights, idx)
         else:  # a prefill: the layer's sorted grouped dispatch
             y, _ = self.moe.dispatch(flat, weights, idx)

@@ -140,3 +140,14 @@ def test_compiled_step_equals_eager(random_model):
     assert torch.equal(runs[0][0], runs[1][0])
     assert (runs[0][1] - runs[1][1]).abs().max() < 1e-4
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_long_prefill_takes_the_expanded_path_with_the_same_numbers(random_model):
+    model = random_model(q_lora_rank=16)
+    dec = lm.Decoder(model)
+    assert dec.blocks[0].attn.expand_from < 30
+    ids = torch.randint(0, model.cfg.vocab_size, (2, 36))
+    with torch.no_grad():
+        ref_logits, _ = _reference_steps(model, ids, prefill=30)
+        logits, _, _ = _decoder_steps(dec, ids, prefill=30)
+    assert (logits - ref_logits).abs().max() < 1e-4

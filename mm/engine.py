@@ -62,7 +62,7 @@ class RequestResult:
     latency_s: float  # submit -> last token
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself, not its fields: compared and hashed by identity
 class Request:
     """A submitted caption: read it with `stream()` (text pieces) or `result()`; `cancel()` frees its row."""
 
@@ -173,12 +173,13 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._taken: list[Request] = []
             try:
                 with torch.inference_mode():
                     self._iteration()
             except Exception as e:  # a failed forward fails its requests, never the server
-                for row in self.rows:
-                    row.req._events.put(("done", e))
+                for req in dict.fromkeys([r.req for r in self.rows] + self._taken):
+                    req._events.put(("done", e))
                 self.rows.clear()
         for row in self.rows:
             row.req._events.put(("done", EngineClosed("the engine stopped before this request finished")))
@@ -187,7 +188,7 @@ class Engine:
 
     def _iteration(self) -> None:
         self._retire([r for r in self.rows if r.req.cancelled], Cancelled("cancelled"))
-        new = self._take(block=not self.rows)
+        new = self._taken = self._take(block=not self.rows)
         # Beams run as their own group; a speculative request runs alone while it IS alone
         # (nothing running, nothing else arriving), and as a plain greedy row under load.
         alone = [r for r in new if r.gen.num_beams > 1 or (len(new) == 1 and not self.rows

@@ -154,7 +154,8 @@ class Reference:
             cache.layer(i).crop(start)
         out = self.lm(inputs_embeds=embeds, cache=cache, return_hidden=True)
         return lm.DecodeOutput(out.logits[:, -1:] if last_only else out.logits, out.hidden,
-                               out.expert_counts if out.expert_counts is not None else embeds.new_zeros(0))
+                               out.expert_counts if out.expert_counts is not None
+                               else embeds.new_zeros(0, embeds.shape[0], 0))
 
     __call__ = forward
 

@@ -98,3 +98,19 @@ def test_cancel_frees_the_row_and_a_full_queue_says_busy(random_tiny):
         assert engine.submit(image, max_new_tokens=3).result(timeout=60).tokens  # the row serves again
     finally:
         engine.close()
+
+
+def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(random_tiny, monkeypatch):
+    engine = Engine(random_tiny, max_batch=4)
+    image = render(sample_scene(sample_rng("test", 79, 1)))
+    try:
+        def broken(*a, **k):
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(engine.model, "encode_images", broken)
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.submit(image, max_new_tokens=3).result(timeout=60)
+        monkeypatch.undo()
+        assert engine.submit(image, max_new_tokens=3).result(timeout=60).tokens
+    finally:
+        engine.close()

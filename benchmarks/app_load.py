@@ -10,8 +10,9 @@ they really overlap). Every answer must equal the baseline answer for its pair:
 the queue may reorder and interleave requests, but it must never mix them up.
 Prints p50/p95 latency of both phases and a final JSON line
 `{"bench": "app_load", ...}`; the exit status is 1 if any request failed or differed.
-Without --url the app is launched in this process on a free 127.0.0.1 port
-(default model, or random weights while none is trained).
+Without --url the app is started as its own process (`python app.py`) on a free
+127.0.0.1 port (default model, or random weights while none is trained), so the client
+threads here do not compete with the server for one interpreter.
 """
 
 from __future__ import annotations
@@ -38,18 +39,34 @@ def free_port() -> int:
 
 
 def launch(checkpoint=None, max_batch: int = 32, compile: bool = False):
-    """Start the app in this process; -> (close, url, captioner)."""
+    """Start `app.py` in its own process (so the clients here do not share its interpreter lock)
+    -> (close, url, captioner); the captioner, loaded here, counts each answer's tokens."""
+    import subprocess
+    import urllib.request
+
     sys.path.insert(0, str(ROOT))
     import app
 
-    cap, untrained = app.load_captioner(checkpoint, "cpu")
-    if compile:
-        cap.compile()
-    demo, engine, url = app.serve(cap, untrained, port=free_port(), max_batch=max_batch, block=False, quiet=True)
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "app.py"), "--port", str(port), "--device", "cpu", "--max-batch", str(max_batch)]
+    cmd += (["--checkpoint", checkpoint] if checkpoint else []) + (["--compile"] if compile else [])
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 900  # a compiled server warms up first
+    while True:
+        try:
+            urllib.request.urlopen(url + "v1/models", timeout=5).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                server.kill()
+                raise SystemExit(f"the app did not start: {' '.join(cmd)}") from None
+            time.sleep(0.5)
+    cap, _ = app.load_captioner(checkpoint, "cpu")
 
     def close():
-        demo.close()
-        engine.close()
+        server.terminate()
+        server.wait(30)
 
     return close, url, cap
 

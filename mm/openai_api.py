@@ -23,6 +23,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from mm.engine import Engine, EngineBusy, EngineClosed
 from vision.preprocess import ImageError, load_image
@@ -139,15 +140,20 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "mm"}]}
 
+    def submit(body):
+        image, task, options, stream, include_usage = parse_request(body, tasks, max_tokens)
+        return engine.submit(image, task, **options), task, stream, include_usage
+
     @api.post("/v1/chat/completions")
     async def chat(request: Request):
+        # Decoding the image and waiting for the text block, so they run on worker threads:
+        # the event loop must stay free for the other clients' requests.
         try:
             try:
                 body = await request.json()
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise APIError(400, "the request body is not valid JSON") from None
-            image, task, options, stream, include_usage = parse_request(body, tasks, max_tokens)
-            req = engine.submit(image, task, **options)
+            req, task, stream, include_usage = await run_in_threadpool(submit, body)
         except APIError as e:
             return e.response()
         except EngineBusy as e:
@@ -162,7 +168,7 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
             return StreamingResponse(_events(req, cid, now, model_id, prompt_tokens, include_usage, engine.tok.eos_id),
                                      media_type="text/event-stream")
         try:
-            res = req.result()
+            res = await run_in_threadpool(req.result)
         except Exception as e:  # a failed forward; the server keeps serving
             return APIError(500, f"captioning failed: {e}", kind="server_error").response()
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,

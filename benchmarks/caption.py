@@ -5,7 +5,7 @@ through `Transformer.forward`, what decoding ran on before `lm.Decoder`), `fast`
 eager `lm.Decoder`) and, with --compile, `compiled` (its torch.compile'd step; the
 warm-up time is printed). For each: single-image latency p50/p95 with the
 prefill/decode split (the paths take turns image by image, so machine noise hits them
-alike), batched images/s, and the aten op calls of one decode forward (torch.profiler,
+alike), batched images/s (medians of 3 interleaved rounds), and the aten op calls of one decode forward (torch.profiler,
 every op the dispatcher saw, nested ones included). Prints tables and a final JSON line.
 
     python benchmarks/caption.py [--checkpoint DIR] [--n 40] [--threads N] [--dtype fp32|bf16] [--compile]
@@ -85,22 +85,27 @@ def main():
             prefill[name].append(res.stats.prefill_s)
             decode[name].append(res.stats.decode_s)
 
+    n = max(args.batch_sizes)
+    batched = {name: {} for name in paths}
+    for bs in args.batch_sizes:  # paths take turns, 3 rounds, medians: machine noise hits all alike
+        cap.batch_size = bs
+        times = {name: [] for name in paths}
+        for rnd in range(4):
+            for name, dec in paths.items():
+                cap.decoder = dec
+                t0 = time.perf_counter()
+                cap.caption(images[:n] if rnd else images[:bs], task=args.task, speculative=False)
+                if rnd:  # round 0 warms up (a compiled path compiles this batch size)
+                    times[name].append(time.perf_counter() - t0)
+        for name in paths:
+            batched[name][str(bs)] = round(n / statistics.median(times[name]), 2)
     rows = {}
     for name, dec in paths.items():
-        cap.decoder = dec
-        batched = {}
-        for bs in args.batch_sizes:
-            cap.batch_size = bs
-            n = max(args.batch_sizes)
-            cap.caption(images[:bs], task=args.task, speculative=False)  # warm-up (a compiled path compiles)
-            t0 = time.perf_counter()
-            cap.caption(images[:n], task=args.task, speculative=False)
-            batched[str(bs)] = round(n / (time.perf_counter() - t0), 2)
         rows[name] = {"p50_ms": 1000 * percentile(lat[name], 0.5), "p95_ms": 1000 * percentile(lat[name], 0.95),
                       "prefill_ms_median": 1000 * statistics.median(prefill[name]),
                       "decode_ms_median": 1000 * statistics.median(decode[name]),
                       "aten_ops_per_decode_forward": ops_per_decode_forward(cap, dec),
-                      "images_per_s": batched}
+                      "images_per_s": batched[name]}
 
     print(f"{args.task}, greedy, n={args.n}, {torch.get_num_threads()} threads, "
           f"{next(cap.model.parameters()).dtype}; outputs identical across paths: {agree}")

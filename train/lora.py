@@ -8,7 +8,8 @@ at zero, so a freshly adapted model computes exactly what the base model does.
 - Linear and Conv2d layers get a forward hook that adds the low-rank update to the layer's
   output; the layer itself, plain or FP8 (train/fp8.py), is untouched. FP8 conversion comes
   first (the trainer's order: fp8 -> lora -> compile -> shard), so the frozen base GEMMs are
-  quantised and the adapters' products run in the autocast dtype (bf16).
+  quantised and the adapters stay out of FP8: their products run as unconverted layers' do
+  (linear ones in the autocast dtype, bf16; the experts' in their input's dtype).
 - Routed experts (stacked w1/w3 [E, inter, D], w2 [E, D, inter]) get per-expert A [E, r, in]
   and B [E, out, r]; their `grouped_linear` is wrapped so the update takes the same grouped
   dispatch as the base GEMM: grouped(x, W) + s * grouped(grouped(x, A), B). No [E, out, in]
@@ -183,7 +184,8 @@ def vision_targets(model: nn.Module, cfg: LoRAConfig) -> list[tuple[str, nn.Modu
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Add adapters to a CaptionModel in place (after any FP8 conversion); base weights are untouched."""
-    targets = lm_targets(model, cfg) + vision_targets(model, cfg)
+    in_lm = lm_targets(model, cfg)
+    targets = in_lm + vision_targets(model, cfg)
     if not targets:
         raise ConfigError(f"lora.targets {cfg.targets} (vision {cfg.vision}) match no layer of the model; the LM's "
                           f"linear layers are named like {sorted({n.rsplit('.', 1)[-1] for n, *_ in lm_targets(model, LoRAConfig(targets=['*']))})}")
@@ -200,8 +202,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     if cfg.vision:
         model.vision.refresh_frozen()  # adapted blocks train (dropout on); frozen statistics stay held
     report.parameters = sum(p.numel() for n, p in model.named_parameters() if ".lora." in n)
-    names = [n for n, *_ in targets]
-    report.unused_patterns = [p for p in cfg.targets if not any(_matches(n.split(".", 1)[1], [p]) for n in names)]
+    subjects = [n.removeprefix("lm.") + (f".{w}" if w else "") for n, _, w in in_lm]  # what the patterns matched
+    report.unused_patterns = [p for p in cfg.targets if not any(_matches(n, [p]) for n in subjects)]
     return report
 
 

@@ -84,7 +84,7 @@ def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path, say=print
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer) -> CaptionModel:
-    model_cfg = with_tasks(cfg.model, cfg.add_tasks)
+    model_cfg = cfg.model
     if model_cfg.lm.vocab_size < tokenizer.vocab_size:
         model_cfg = model_cfg.replace(lm=model_cfg.lm.replace(vocab_size=tokenizer.vocab_size))
     return CaptionModel(model_cfg, image_token_id=tokenizer.image_id)
@@ -231,6 +231,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     """Run (or continue) a training run; returns the final checkpoint directory. `export` writes a
     bf16 Captioner (adapters merged), `save_adapters` the LoRA adapters alone."""
     check_runnable(cfg)
+    cfg = cfg.replace(model=with_tasks(cfg.model, cfg.add_tasks))  # the prompts of new tasks
     if cfg.pipeline.stages > 1:
         from train import pipeline
 

@@ -159,3 +159,31 @@ def test_two_process_ddp_lora_ranks_agree(synth_shards, tmp_path):
     assert adapters and r0.keys() == r1.keys()
     assert [k for k in adapters if not torch.equal(r0[k], r1[k])] == []
     assert any(r0[k].abs().sum() > 0 for k in adapters if k.endswith(".B"))  # they trained, in step
+
+
+def test_fp8_training_with_lora_trains_only_the_adapters(synth_shards, tmp_path, monkeypatch, capsys):
+    """--precision fp8 with LoRA: the frozen base layers are converted, the adapters train."""
+    from train import trainer as T
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from conftest import micro_config, micro_train_config
+
+    model = micro_config(hidden_size=128, intermediate_size=256, moe_intermediate_size=128, kv_lora_rank=128,
+                         num_attention_heads=4, qk_nope_head_dim=32, v_head_dim=32)
+    cfg = micro_train_config(synth_shards, tmp_path, model=model, precision="fp8", save_every=1, keep_last=5,
+                             lora=LoRAConfig(enabled=True, rank=4))
+    cfg = cfg.replace(optim=cfg.optim.replace(max_steps=3))
+    real_prepare = T.prepare
+
+    def prepare(model, cfg, info, log=print):
+        set_stage(model, "lora", [], 0, cfg.lora)
+        return real_prepare(model, cfg, info, log)
+
+    monkeypatch.setattr(T, "prepare", prepare)
+    T.train(cfg)
+    out = capsys.readouterr().out
+    converted = int(re.search(r"fp8: (\d+) layers converted", out)[1])
+    assert converted >= 8 and "lora: " in out
+    first, last = (load_file(str(p / "model.safetensors")) for p in sorted((tmp_path / "checkpoints").iterdir())[::2])
+    assert [k for k in first if ".lora." not in k and not torch.equal(first[k], last[k])] == []
+    assert [k for k in first if ".lora." in k and not torch.equal(first[k], last[k])]

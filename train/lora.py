@@ -184,11 +184,15 @@ def vision_targets(model: nn.Module, cfg: LoRAConfig) -> list[tuple[str, nn.Modu
 
 def apply_lora(model: nn.Module, cfg: LoRAConfig) -> LoRAReport:
     """Add adapters to a CaptionModel in place (after any FP8 conversion); base weights are untouched."""
-    in_lm = lm_targets(model, cfg)
-    targets = in_lm + vision_targets(model, cfg)
-    if not targets:
-        raise ConfigError(f"lora.targets {cfg.targets} (vision {cfg.vision}) match no layer of the model; the LM's "
-                          f"linear layers are named like {sorted({n.rsplit('.', 1)[-1] for n, *_ in lm_targets(model, LoRAConfig(targets=['*']))})}")
+    in_lm, in_vision = lm_targets(model, cfg), vision_targets(model, cfg)
+    if not in_lm:
+        names = sorted({n.rsplit(".", 1)[-1] + (f".{w}" if w else "") for n, _, w in lm_targets(model, LoRAConfig(targets=["*"]))})
+        raise ConfigError(f"lora.targets {cfg.targets} match no layer of the language model; its layers are "
+                          f"named like {names}")
+    if cfg.vision and not in_vision:
+        raise ConfigError(f"lora.vision_targets {cfg.vision_targets} match no Linear or Conv2d layer inside the "
+                          f"encoder's blocks ({type(model.vision.model).__name__})")
+    targets = in_lm + in_vision
     report = LoRAReport()
     for name, m, weight in targets:
         existing = m._modules.get("lora")

@@ -215,8 +215,10 @@ def test_bad_lora_settings_are_named(change, message):
 
 
 def test_targets_that_match_nothing_and_bad_task_prompts_are_named():
-    with pytest.raises(ConfigError, match=r"lora.targets \['q_proj'\].*match no layer.*'wkv_b'"):
+    with pytest.raises(ConfigError, match=r"lora.targets \['q_proj'\] match no layer.*'experts.w2'.*'wkv_b'"):
         L.apply_lora(micro_model(), LoRAConfig(targets=["q_proj"]))
+    with pytest.raises(ConfigError, match=r"lora.vision_targets \['qkv'\] match no Linear or Conv2d layer"):
+        L.apply_lora(micro_model(), LoRAConfig(vision=True, vision_targets=["qkv"]))
     with pytest.raises(ConfigError, match="lora does not run with pipeline stages > 1"):
         load_train_config(None, ["--lora.enabled=true", "--pipeline.stages=2"])
     with pytest.raises(ConfigError, match="add_tasks must map new task names to non-empty prompts"):

@@ -199,7 +199,7 @@ def git_commit() -> str:
 
 
 def export_model(raw, tokenizer, path, cfg, state) -> Path:
-    """A bf16 Captioner directory (no train_state) that records the recipe and the commit;
+    """A bf16 Captioner directory (no train_state, LoRA adapters merged) that records the recipe and the commit;
     those of the run it was fine-tuned from, if any, move to meta["previous"]."""
     meta = dict(raw.cfg.meta)
     if "recipe" in meta:
@@ -209,4 +209,6 @@ def export_model(raw, tokenizer, path, cfg, state) -> Path:
     recipe.pop("model")  # the model config is the checkpoint's config.json itself
     meta.update({"recipe": recipe, "commit": git_commit(), "steps": state["step"]})
     raw.cfg = raw.cfg.replace(meta=meta)
-    return save_checkpoint(path, raw, tokenizer, dtype=torch.bfloat16)
+    from train.lora import merged_state_dict  # LoRA adapters are folded into the weights
+
+    return save_checkpoint(path, _StateView(raw, merged_state_dict(raw)), tokenizer, dtype=torch.bfloat16)

@@ -75,6 +75,46 @@ class OptimConfig(ConfigBase):
         ])
 
 
+LORA_TARGETS = ["wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo", "w1", "w2", "w3"]  # MLA, dense/shared MLPs, experts
+
+
+@dataclass
+class LoRAConfig(ConfigBase):
+    """Low-rank adapters (train/lora.py): a frozen W gains (alpha / rank) B A on the layer's input.
+    Patterns are fnmatch globs on a module's name inside its part (`layers.0.attn.wq`) or on the
+    name's last part (`wq`)."""
+
+    enabled: bool = False  # set by mm finetune --stage lora
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input only
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))  # LM linear layers (and expert weights)
+    experts: bool = True  # routed experts' stacked w1/w2/w3 that match targets
+    mtp: bool = True  # adapters in the MTP modules' blocks too (when the loss uses them)
+    vision: bool = False  # adapters on the encoder's blocks (Linear and Conv2d layers)
+    vision_targets: list[str] = field(default_factory=lambda: ["*"])  # encoder layers inside its blocks
+    train_projector: bool = False  # the projector trains fully beside the adapters
+    train_mtp: bool = False  # the MTP modules train fully (and get no adapters)
+    adapters: str = ""  # start from adapters saved with --save-adapters (mm finetune --adapters)
+
+    def __post_init__(self):
+        def patterns(v):
+            return bool(v) and all(isinstance(p, str) and p for p in v)
+
+        check_ranges("TrainConfig.lora", [
+            (self.rank >= 1, "rank must be >= 1", self.rank),
+            (self.alpha > 0, "alpha must be > 0", self.alpha),
+            (0 <= self.dropout < 1, "dropout must be in [0, 1)", self.dropout),
+            (patterns(self.targets), "targets must be a non-empty list of name patterns", self.targets),
+            (patterns(self.vision_targets), "vision_targets must be a non-empty list of name patterns",
+             self.vision_targets),
+        ])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved1f1b", "zbv", "dualpipev")
 
 
@@ -134,6 +174,8 @@ class TrainConfig(ConfigBase):
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) when launched by torchrun
     pipeline: ParallelConfig = field(default_factory=ParallelConfig)  # stages > 1: pipeline x data parallel
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    add_tasks: dict = field(default_factory=dict)  # task -> prompt the model gains (teaching a new task)
     tensorboard: bool = False
 
     def __post_init__(self):
@@ -144,8 +186,12 @@ class TrainConfig(ConfigBase):
         ]:
             if value not in allowed:
                 raise ConfigError(f"TrainConfig.{name}: {value!r} is not one of {allowed}")
-        known = sorted(self.model.tasks)
+        known = sorted(self.model.tasks | self.add_tasks)
+        bad_tasks = {k: v for k, v in self.add_tasks.items() if not (isinstance(v, str) and v.strip())}
         check_ranges("TrainConfig", [
+            (not bad_tasks, "add_tasks must map new task names to non-empty prompts", bad_tasks),
+            (not (self.lora.enabled and self.pipeline.stages > 1), "lora does not run with pipeline stages > 1",
+             self.pipeline.stages),
             (set(self.data.tasks) <= set(known), f"data.tasks must be tasks the model has a prompt for ({known})",
              self.data.tasks),
             (set(self.data.pad_to) <= set(self.data.tasks), "data.pad_to must only name tasks in data.tasks",
@@ -162,6 +208,16 @@ class TrainConfig(ConfigBase):
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1", self.max_bad_steps),
             (bool(self.out_dir), "out_dir must not be empty", self.out_dir),
         ])
+
+
+def with_tasks(model: MMConfig, add: dict) -> MMConfig:
+    """The model config with the prompts of `add_tasks`; a task it already has keeps its prompt, or
+    must be given the same one."""
+    clash = {k: (model.tasks[k], v) for k, v in add.items() if k in model.tasks and model.tasks[k] != v}
+    if clash:
+        raise ConfigError(f"add_tasks: {sorted(clash)} already have other prompts in the model "
+                          f"(model, add_tasks): {clash}")
+    return model.replace(tasks={**model.tasks, **add}) if add else model
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

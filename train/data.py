@@ -273,7 +273,14 @@ class Loader:
     def __iter__(self) -> Iterator[dict]:
         # Workers seed torch and random from this, so random image transforms repeat with the run.
         self.dataloader.generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, self.rank)) & (2**62 - 1))
-        for item in self.dataloader:
+        batches = iter(self.dataloader)
+        while True:
+            # Opening an epoch draws from the global torch RNG; kept out of it, the model's own
+            # draws (dropout) do not depend on when the stream was opened, so a resume is exact.
+            with torch.random.fork_rng(devices=[]):
+                item = next(batches, None)
+            if item is None:
+                return
             record = item.pop("data_errors", None)
             if record is not None:
                 self.errors.merge(record)

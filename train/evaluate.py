@@ -71,6 +71,7 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
     import lm
     from mm.generate import GenerationConfig, GenerationStats
     from train.metrics import caption_scores, scene_attribute_accuracy
+    from train.scenes import TASKS as SCENE_TASKS
 
     results, routing = {}, GenerationStats()
     for task in tasks:
@@ -88,7 +89,7 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
             agree = sum(a == b for a, b in zip(spec.texts, preds))
         refs = [[r["texts"][task]] for r in rows]
         scores = caption_scores(preds, refs)
-        if all(r["scene"] for r in rows):
+        if task in SCENE_TASKS and all(r["scene"] for r in rows):  # the grammar's tasks parse back
             scores["attributes"] = scene_attribute_accuracy(preds, [r["scene"] for r in rows], task)
         scores["n"] = len(rows)
         if stats is not None:

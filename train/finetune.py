@@ -7,7 +7,13 @@ timm encoder and a DeepSeek-format language model, and train it in LLaVA-style s
                         captions do not change. With --mtp-depths N > 1 the MTP module learns
                         to draft N tokens ahead by chaining, and speculative decoding then
                         drafts N tokens per verification by default.
+    --stage lora        only low-rank adapters train (train/lora.py; the config's `lora` section:
+                        rank, alpha, dropout, target patterns, experts, vision, and whether the
+                        projector or MTP train fully beside them). --export merges them into a
+                        plain Captioner; --save-adapters writes them alone; --adapters DIR
+                        continues from saved ones (and implies --stage lora).
 
+A config's `add_tasks` ({"count": "Count:"}) gives the model new task prompts to learn.
 The trainable parameter count of each part is printed before training starts.
 """
 
@@ -29,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--data", required=True, help="training shard URLs")
     p.add_argument("--val", default="", help="validation shard URLs")
     p.add_argument("--config", default=None, help="a training config (JSON) for optimiser, precision, ...")
-    p.add_argument("--stage", choices=["projector", "full", "mtp"], default="full")
+    p.add_argument("--stage", choices=["projector", "full", "mtp", "lora"], default=None,
+                   help="what trains (default: full, or lora with --adapters)")
+    p.add_argument("--adapters", default=None, metavar="DIR", help="continue from LoRA adapters saved here")
+    p.add_argument("--save-adapters", default=None, metavar="DIR",
+                   help="after a LoRA run, write the adapters (safetensors + config JSON) here")
     p.add_argument("--mtp-depths", type=int, default=0,
                    help="MTP depths in the loss (the model's mtp_depths); 0 keeps the source's")
     p.add_argument("--freeze", action="append", default=[], choices=["vision", "lm"],
@@ -110,10 +120,17 @@ def set_mtp_depths(model, depths: int):
     model.lm.cfg = lm_cfg
 
 
-def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int):
+def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int, lora=None):
+    """What trains; in the lora stage the adapters, added later (train.trainer.prepare), train too."""
     if stage == "mtp" and not (len(model.lm.mtp) and model.cfg.lm.mtp_lambda > 0):
         raise ValueError("--stage mtp: the model has no MTP module to train (num_nextn_predict_layers "
                          f"{model.cfg.lm.num_nextn_predict_layers}, mtp_lambda {model.cfg.lm.mtp_lambda})")
+    if stage == "lora":
+        model.requires_grad_(False)
+        model.vision.freeze(0)
+        model.projector.requires_grad_(lora.train_projector)
+        model.lm.mtp.requires_grad_(lora.train_mtp)
+        return
     if stage in ("projector", "mtp"):
         model.requires_grad_(False)
         (model.projector if stage == "projector" else model.lm.mtp).requires_grad_(True)
@@ -128,26 +145,30 @@ def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int):
 
 def run(args) -> int:
     from lm.config import CheckpointError, ConfigError
-    from train.config import load_train_config
+    from train.config import load_train_config, with_tasks
     from train.trainer import TrainingStopped, train
 
     overrides = list(args.overrides) + [f"--data.train={args.data}", f"--out_dir={args.out}"]
     if args.val:
         overrides.append(f"--data.val={args.val}")
     try:
+        stage = args.stage or ("lora" if args.adapters else "full")
         model, tokenizer = from_source(args)
         if args.mtp_depths:
             set_mtp_depths(model, args.mtp_depths)
-        cfg = load_train_config(args.config, overrides).replace(model=model.cfg)
+        cfg = load_train_config(args.config, overrides)
+        model.cfg = with_tasks(model.cfg, cfg.add_tasks)
+        cfg = lora_options(cfg.replace(model=model.cfg), stage, args)
         if cfg.vision_warmup.steps:  # it is for encoders trained from scratch; it would overwrite these
             print("mm finetune: vision_warmup is skipped when fine-tuning", file=sys.stderr)
             cfg = cfg.replace(vision_warmup=cfg.vision_warmup.replace(steps=0))
-        set_stage(model, args.stage, args.freeze, args.unfreeze_last)
+        set_stage(model, stage, args.freeze, args.unfreeze_last, cfg.lora)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mm finetune: {e}", file=sys.stderr)
         return 2
     try:
-        path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export)
+        path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export,
+                     save_adapters=args.save_adapters)
     except (ConfigError, CheckpointError) as e:  # found before the first step: shards, resume checkpoint
         print(f"mm finetune: {e}", file=sys.stderr)
         return 2
@@ -156,3 +177,23 @@ def run(args) -> int:
         return 1
     print(f"final checkpoint: {path}", file=sys.stderr)
     return 0
+
+
+def lora_options(cfg, stage: str, args):
+    """The config's lora section switched on by the lora stage (with the structure of --adapters)."""
+    from lm.config import ConfigError
+    from train.lora_files import with_saved_structure
+
+    if stage != "lora":
+        for flag, given in (("--adapters", args.adapters), ("--save-adapters", args.save_adapters),
+                            ("lora.enabled", cfg.lora.enabled)):
+            if given:
+                raise ConfigError(f"{flag} needs --stage lora (the stage is {stage})")
+        return cfg
+    lora = cfg.lora.replace(enabled=True)
+    if args.adapters:
+        lora, changed = with_saved_structure(lora, args.adapters)
+        for key, (ours, saved) in changed.items():
+            print(f"mm finetune: lora.{key} is {saved!r} as in {args.adapters} (the config said {ours!r})",
+                  file=sys.stderr)
+    return cfg.replace(lora=lora)

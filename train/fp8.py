@@ -18,7 +18,10 @@ Parameter objects, and points routed-expert modules (anything with `grouped_line
 and stacked w1/w2/w3, such as lm.moe.RoutedExperts) at an FP8 grouped GEMM. The
 embedding, the output head and the router stay in BF16/FP32 by name ("embed", "head",
 "gate"), as do layers whose dimensions are not multiples of 128. `fp8_disabled`
-switches the converted modules back to plain precision, e.g. for evaluation.
+switches the converted modules back to plain precision, e.g. for evaluation. Other passes
+(LoRA, train/lora.py) come after this one: they may wrap an FP8 `grouped_linear`, keeping it
+as `.original`, which is followed here; a layer already carrying forward hooks is not swapped,
+since the new module would not have them.
 Quantisation and the two backends (emulate on CPU, scaled_mm on FP8 GPUs) live in
 train/fp8_quant.py.
 """
@@ -191,6 +194,15 @@ def _is_routed_experts(module: nn.Module) -> bool:
     return hasattr(module, "grouped_linear") and all(hasattr(module, w) for w in ("w1", "w2", "w3"))
 
 
+def _grouped_chain(module: nn.Module) -> list:
+    """The instance-level grouped_linear wrappers of a module, outermost first (each keeps `.original`)."""
+    chain, g = [], module.__dict__.get("grouped_linear")
+    while g is not None and not hasattr(g, "__self__"):  # stop at the class's bound method
+        chain.append(g)
+        g = getattr(g, "original", None)
+    return chain
+
+
 @dataclass
 class Fp8Report:
     converted: list[str] = field(default_factory=list)  # module names now computing in FP8
@@ -200,6 +212,10 @@ class Fp8Report:
 def _skip_reason(name, module, is_experts, module_filter, skip_suffixes) -> str | None:
     if not is_experts and type(module) is not nn.Linear:
         return f"{type(module).__name__} subclasses nn.Linear; its forward may not be F.linear"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "has forward hooks (LoRA adapters?) that a swapped layer would lose; convert before adding them"
+    if is_experts and _grouped_chain(module):
+        return "its grouped_linear is already wrapped (LoRA?); convert to FP8 before adding adapters"
     for part in name.split("."):
         hit = next((s for s in skip_suffixes if part.endswith(s)), None)
         if hit:
@@ -237,7 +253,7 @@ def convert_to_fp8(model: nn.Module, backend: str = "emulate",
     recipe, report, swaps = _Recipe(backend, emulate_dtype), Fp8Report(), {}
     for name, module in model.named_modules():
         is_experts = _is_routed_experts(module)
-        if isinstance(module, Fp8Linear) or isinstance(module.__dict__.get("grouped_linear"), _Fp8GroupedLinear):
+        if isinstance(module, Fp8Linear) or any(isinstance(g, _Fp8GroupedLinear) for g in _grouped_chain(module)):
             continue
         if not (is_experts or isinstance(module, nn.Linear)):
             continue
@@ -262,8 +278,7 @@ def convert_to_fp8(model: nn.Module, backend: str = "emulate",
 def fp8_disabled(model: nn.Module):
     """Run the converted modules of `model` in plain precision inside the block."""
     switches = [m for m in model.modules() if isinstance(m, Fp8Linear)]
-    switches += [g for m in model.modules()
-                 if isinstance(g := m.__dict__.get("grouped_linear"), _Fp8GroupedLinear)]
+    switches += [g for m in model.modules() for g in _grouped_chain(m) if isinstance(g, _Fp8GroupedLinear)]
     before = [s.fp8_enabled for s in switches]
     for s in switches:
         s.fp8_enabled = False

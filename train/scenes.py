@@ -43,6 +43,7 @@ PLACE_PHRASES = dict(zip(PLACES, (
 )))
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
 TASKS = ("caption", "describe", "caption_zh", "describe_zh")
+COUNT_TASKS = ("count", "count_zh")  # not in the default model: a task for fine-tuning to teach
 SPLITS = ("train", "val", "test")
 
 BACKGROUNDS_ZH = {"white": "白色", "black": "黑色", "gray": "灰色"}
@@ -171,6 +172,17 @@ def texts(scene: Scene) -> dict[str, str]:
         "caption_zh": _join(phrases_zh, "、", "和"),
         "describe_zh": "".join([head_zh, *body_zh]),
     }
+
+
+def count_texts(scene: Scene) -> dict[str, str]:
+    """The `count` tasks: "three shapes" / "三个图形" (the describe texts' own count words)."""
+    n = len(scene.objects)
+    return {"count": f"{COUNT_WORDS[n]} shape{'s' if n > 1 else ''}", "count_zh": f"{COUNT_WORDS_ZH[n]}图形"}
+
+
+def all_texts(scene: Scene) -> dict[str, str]:
+    """Every text the generator labels: the four tasks of the grammar, then the count tasks."""
+    return texts(scene) | count_texts(scene)
 
 
 def _alt(names) -> str:

@@ -72,7 +72,7 @@ def synthetic_sample(split: str, seed: int, index: int) -> dict:
     scene = scenes.sample_scene(scenes.sample_rng(split, seed, index))
     png = io.BytesIO()
     scenes.render(scene).save(png, format="PNG")
-    txt = scenes.texts(scene)
+    txt = scenes.all_texts(scene)
     meta = {**txt, "scene": scene.to_dict()}
     return {
         "__key__": f"{index:08d}",

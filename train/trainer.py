@@ -1,7 +1,7 @@
 """The trainer: one loop for a toy run on a CPU and for `torchrun` on many GPUs.
 
-Reading order: `build_tokenizer`, `build_model`, `prepare` (FP8 -> compile -> DDP/FSDP,
-torchtitan's order), `build_optimizer`, `train_step`, `evaluate`, `save`, `train`.
+Reading order: `build_tokenizer`, `build_model`, `prepare` (FP8 -> LoRA -> compile -> DDP/FSDP,
+torchtitan's order with the adapters added to the converted layers), `build_optimizer`, `train_step`, `evaluate`, `save`, `train`.
 After each optimiser step the MoE router biases move toward balanced load
 (auxiliary-loss-free balancing), with the load summed over all ranks.
 A resumed run continues bit-for-bit: the data position is (epoch, batch in epoch),
@@ -34,7 +34,7 @@ from train.checkpoints import (
     resume_from,
     save_training_checkpoint,
 )
-from train.config import TrainConfig
+from train.config import TrainConfig, with_tasks
 from train.data import check_shards
 from train.metrics_log import RunLog
 from train.stream import DataStream, read_texts, split_urls
@@ -102,9 +102,21 @@ def prepare(model: CaptionModel, cfg: TrainConfig, info: D.DistInfo, log=print) 
                                     module_filter=lambda name, _m: not name.startswith("vision."))
         log(f"fp8: {len(report.converted)} layers converted; kept in bf16: "
             + (", ".join(f"{n} ({why})" for n, why in report.skipped) or "none"))
+    if cfg.lora.enabled:
+        add_adapters(model, cfg, log)
     if cfg.compile:
         model.lm.compile()
     return D.wrap(model, info, cfg.parallel)
+
+
+def add_adapters(model: CaptionModel, cfg: TrainConfig, log=print) -> None:
+    """LoRA adapters on the (converted) layers, from saved ones when lora.adapters names them."""
+    from train.lora import apply_lora
+    from train.lora_files import load_adapters
+
+    log(apply_lora(model, cfg.lora).summary())
+    if cfg.lora.adapters:
+        log(f"lora: {load_adapters(model, cfg.lora.adapters)} tensors from {cfg.lora.adapters}")
 
 
 def image_transform(model: CaptionModel):
@@ -214,9 +226,12 @@ def _plain_precision(raw, cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | None = None,
-          tokenizer: Tokenizer | None = None, export: str | None = None) -> Path:
-    """Run (or continue) a training run; returns the final checkpoint directory."""
+          tokenizer: Tokenizer | None = None, export: str | None = None,
+          save_adapters: str | None = None) -> Path:
+    """Run (or continue) a training run; returns the final checkpoint directory. `export` writes a
+    bf16 Captioner (adapters merged), `save_adapters` the LoRA adapters alone."""
     check_runnable(cfg)
+    cfg = cfg.replace(model=with_tasks(cfg.model, cfg.add_tasks))  # the prompts of new tasks
     if cfg.pipeline.stages > 1:
         from train import pipeline
 
@@ -273,6 +288,10 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
         from train.checkpoints import export_model
 
         say(f"exported {export_model(raw, tokenizer, export, cfg, state)}")
+    if save_adapters and info.is_main:
+        from train.lora_files import save_adapters as write_adapters
+
+        say(f"adapters saved in {write_adapters(raw, save_adapters, cfg.lora)}")
     D.barrier(info)
     return last
 
@@ -347,4 +366,12 @@ def _describe(model: CaptionModel, say):
         f" / {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
         for k, m in parts.items()
     )
-    say(f"model: {counts}; {model.num_image_tokens} image tokens")
+    trainable, total = trainable_parameters(model)
+    say(f"model: {counts}; {model.num_image_tokens} image tokens; trainable {trainable / 1e6:.3f}M of "
+        f"{total / 1e6:.2f}M parameters ({100 * trainable / max(total, 1):.2f}%)")
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameter counts, adapters included in both."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

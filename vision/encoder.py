@@ -164,6 +164,11 @@ class VisionEncoder(nn.Module):
                 trainable.append(norm)
         for module in trainable:
             module.requires_grad_(True)
+        self.refresh_frozen()
+
+    def refresh_frozen(self) -> None:
+        """Hold in eval mode (normalisation statistics, dropout) the subtrees that have no trainable
+        parameter; call again after parameters were added or their requires_grad changed."""
         self._frozen = []
         self._collect_frozen(self.model)
         self.train(self.training)

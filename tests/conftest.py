@@ -77,3 +77,51 @@ def tiny_app_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_app") / "ckpt"
     app.untrained_captioner(num_hidden_layers=2).save_pretrained(path)
     return path
+
+
+_TWO_RANK_SCRIPT = """
+import importlib.util
+import torch
+from safetensors.torch import save_file
+spec = importlib.util.spec_from_file_location("micro_conftest", {conftest!r})
+helpers = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(helpers)
+from train import trainer as T
+from train import dist as D
+cfg = helpers.micro_train_config({{"train": {shards!r}}}, {out!r})
+{changes}
+captured = {{}}
+real_prepare = T.prepare
+def prepare(model, cfg, info, log=print):
+    if {freeze!r}:
+        model.requires_grad_(False)  # as a fine-tuning stage freezes before the adapters go on
+    captured["model"] = model
+    return real_prepare(model, cfg, info, log)
+T.prepare = prepare
+T.train(cfg)
+rank = torch.distributed.get_rank()
+state = {{k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()}}
+save_file(state, {out!r} + f"/rank{{rank}}.safetensors")
+D.teardown()
+"""
+
+
+def run_two_ranks(shards: str, out, changes: str, freeze: bool = False):
+    """Train the micro config under torchrun, 2 gloo processes; -> (rank 0's, rank 1's) final state
+    dicts. `changes` is Python that derives `cfg` (e.g. "cfg = cfg.replace(log_every=3)")."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    out = Path(out)
+    script = out / "two_ranks.py"
+    script.write_text(_TWO_RANK_SCRIPT.format(conftest=str(Path(__file__).resolve()), shards=shards,
+                                              out=str(out), changes=changes, freeze=freeze))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+                           str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))

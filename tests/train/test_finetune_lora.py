@@ -3,10 +3,8 @@ adapted model; saved adapters continue a run; resume is exact; two gloo processe
 task prompt is learnt from `add_tasks`."""
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -118,43 +116,13 @@ def test_a_new_task_prompt_from_add_tasks(trained_micro, synth_shards, tmp_path)
     assert isinstance(cap.caption(Image.new("RGB", (64, 64)), task="count", max_new_tokens=3), str)
 
 
-DDP_SCRIPT = """
-import importlib.util
-import torch
-from PIL import Image
-from safetensors.torch import save_file
-spec = importlib.util.spec_from_file_location("micro_conftest", {conftest!r})
-helpers = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(helpers)
-from train import trainer as T
-from train import dist as D
-cfg = helpers.micro_train_config({{"train": {shards!r}}}, {out!r})
-cfg = cfg.replace(optim=cfg.optim.replace(max_steps=4), log_every=2,
-                  lora=cfg.lora.replace(enabled=True, rank=4, dropout=0.1))
-captured = {{}}
-real_prepare = T.prepare
-def prepare(model, cfg, info, log=print):
-    model.requires_grad_(False)  # the lora stage's freezing (train.finetune.set_stage)
-    captured["model"] = model
-    return real_prepare(model, cfg, info, log)
-T.prepare = prepare
-T.train(cfg)
-rank = torch.distributed.get_rank()
-state = {{k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()}}
-save_file(state, {out!r} + f"/rank{{rank}}.safetensors")
-D.teardown()
-"""
-
-
 def test_two_process_ddp_lora_ranks_agree(synth_shards, tmp_path):
-    script = tmp_path / "ddp_lora.py"
-    conftest = str(Path(__file__).resolve().parents[1] / "conftest.py")
-    script.write_text(DDP_SCRIPT.format(conftest=conftest, shards=synth_shards["train"], out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                           str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    sys.path.append(str(Path(__file__).resolve().parents[1]))
+    from conftest import run_two_ranks
+
+    r0, r1 = run_two_ranks(synth_shards["train"], tmp_path, freeze=True, changes=(
+        "cfg = cfg.replace(optim=cfg.optim.replace(max_steps=4), log_every=2, "
+        "lora=cfg.lora.replace(enabled=True, rank=4, dropout=0.1))"))
     adapters = [k for k in r0 if ".lora." in k]
     assert adapters and r0.keys() == r1.keys()
     assert [k for k in adapters if not torch.equal(r0[k], r1[k])] == []

@@ -2,9 +2,7 @@
 and two gloo processes end with identical weights and router biases."""
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from safetensors.torch import load_file
 from train import trainer as T
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for conftest helpers
-from conftest import micro_config, micro_train_config  # noqa: E402
+from conftest import micro_config, micro_train_config, run_two_ranks  # noqa: E402
 
 
 def losses(run_dir):
@@ -84,40 +82,9 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(synth_shards, tmp_path,
     assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
 
 
-DDP_SCRIPT = """
-import sys, torch
-from safetensors.torch import save_file
-import importlib.util
-spec = importlib.util.spec_from_file_location("micro_conftest", {conftest!r})
-helpers = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(helpers)
-from train import trainer as T
-from train import dist as D
-cfg = helpers.micro_train_config({{"train": {shards!r}}}, {out!r})
-cfg = cfg.replace(optim=cfg.optim.replace(max_steps=6), log_every=3)
-captured = {{}}
-real_prepare = T.prepare
-def prepare(model, cfg, info, log=print):
-    captured["model"] = model
-    return real_prepare(model, cfg, info, log)
-T.prepare = prepare
-T.train(cfg)
-rank = torch.distributed.get_rank()
-state = {{k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()}}
-save_file(state, {out!r} + f"/rank{{rank}}.safetensors")
-D.teardown()
-"""
-
-
 def test_two_process_ddp_ranks_agree(synth_shards, tmp_path):
-    script = tmp_path / "ddp_run.py"
-    conftest = str(Path(__file__).resolve().parents[1] / "conftest.py")
-    script.write_text(DDP_SCRIPT.format(conftest=conftest, shards=synth_shards["train"], out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                           "--standalone", str(script)], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = load_file(str(tmp_path / "rank0.safetensors")), load_file(str(tmp_path / "rank1.safetensors"))
+    r0, r1 = run_two_ranks(synth_shards["train"], tmp_path,
+                           "cfg = cfg.replace(optim=cfg.optim.replace(max_steps=6), log_every=3)")
     assert r0.keys() == r1.keys()
     # Parameters and router biases are identical. BatchNorm running statistics are not
     # compared: DDP copies rank 0's into every rank at the start of each forward, so after

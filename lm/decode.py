@@ -31,8 +31,9 @@ and runs a block in a few dozen calls:
   the output; nothing is written to the modules.
 
 The rearranged weights are copies made when the Decoder is built (concatenations and
-transposes of the model's own, so about one more copy of the attention and expert
-weights): build a new Decoder after the model's weights change.
+transposes of the model's own: about one more copy of the attention and expert weights,
+two of the experts' where the gathered path runs): build a new Decoder after the model's
+weights change.
 """
 
 from __future__ import annotations
@@ -171,8 +172,9 @@ class _MoE:
         ex = moe.experts
         self.w13 = torch.cat([ex.w1, ex.w3], 1).detach().to(dtype)  # [E, 2I, D]
         self.w2 = ex.w2.detach().to(dtype)  # [E, D, I]
-        # [E, D, 2I] and [E, I, D]: a gathered expert is then the right operand of a row-vector product
-        self.w13_t, self.w2_t = self.w13.transpose(1, 2).contiguous(), self.w2.transpose(1, 2).contiguous()
+        self.w13_t = self.w2_t = None  # the gathered path's layout, made only where it runs (gather_layout)
+        if self.w13.device.type != "cpu":
+            self.gather_layout()
         self.shared = _MLP(moe.shared_experts, dtype) if moe.shared_experts is not None else None
         self.gather_limit = gather_limit
 
@@ -196,6 +198,12 @@ class _MoE:
             valid.view(b, t, 1).expand(b, t, k).reshape(b, t * k).float()
         counts.scatter_add_(1, idx.view(b, t * k), ones)
         return y.view(b, t, d), counts
+
+    def gather_layout(self) -> None:
+        """[E, D, 2I] and [E, I, D] copies: a gathered expert is then the right operand of a
+        row-vector product. Another copy of the experts, so only for accelerators and compiling."""
+        if self.w13_t is None:
+            self.w13_t, self.w2_t = self.w13.transpose(1, 2).contiguous(), self.w2.transpose(1, 2).contiguous()
 
     def _gathered(self, x, weights, idx):
         """Each (token, expert) pair's weights gathered, two batched row-vector products: shapes
@@ -281,6 +289,9 @@ class Decoder:
         """Compile the step functions with static shapes (inductor; mode "reduce-overhead" adds
         CUDA graphs on a GPU). Each distinct (batch, new tokens, bound) compiles once, so callers
         pass compiled=False for one-off shapes such as a prefill."""
+        for block in [*self.blocks, *(m[3] for m in self.mtp)]:
+            if block.is_moe:
+                block.ffn.gather_layout()
         self._forward = torch.compile(self._forward_eager, dynamic=False, mode=mode)
         self._mtp = torch.compile(self._mtp_eager, dynamic=False, mode=mode)
         self.compiled = True

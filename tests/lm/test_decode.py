@@ -107,6 +107,7 @@ def test_small_batch_expert_paths_equal_the_grouped_dispatch(random_model, dtype
     """Many experts, few tokens: weight views and gathered weights == the sorted grouped dispatch."""
     model = random_model(n_routed_experts=64, num_experts_per_tok=6, n_group=8, topk_group=3).to(dtype)
     moe = lm.Decoder(model).blocks[1].ffn
+    moe.gather_layout()
     x = torch.randn(tokens, model.cfg.hidden_size, dtype=dtype)
     with torch.no_grad():
         weights, idx, _ = lm.route(F.linear(x.float(), moe.gate), moe.bias, moe.cfg)

@@ -39,7 +39,7 @@ def ops_per_decode_forward(cap: Captioner, decoder) -> int:
     pos = torch.arange(64)[None]
     decoder(decoder.embed(torch.arange(16)[None]), cache, pos[:, :16], compiled=False)
     ids = torch.tensor([[cap.tokenizer.eos_id]])
-    bound = cache.max_len if getattr(decoder, "compiled", False) else 17
+    bound = cache.max_len if decoder.compiled else 17
     for _ in range(2):  # warm (and, when compiled, compile) before counting
         decoder(decoder.embed(ids), cache, pos[:, 16:17], bound=bound)
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -158,9 +158,6 @@ class Engine:
             raise EngineBusy(f"busy: {self.waiting.maxsize} requests are already waiting; try again shortly") from None
         return req
 
-    def caption(self, image, task: str = "caption", **options) -> str:
-        return self.submit(image, task, **options).result().text
-
     def close(self, timeout: float = 10.0) -> None:
         self._stop.set()
         self._thread.join(timeout)

@@ -139,6 +139,8 @@ class Reference:
     path), with `lm.Decoder`'s interface: the oracle of the generation tests and the
     baseline of the benchmarks. Writing at a position first crops the layer back to it."""
 
+    compiled = False
+
     def __init__(self, model: lm.Transformer):
         self.lm = model
 
@@ -176,7 +178,7 @@ class _Session:
         t0 = time.perf_counter()
         embeds = model.embed(prefix_ids, model.encode_images(images))
         b, n = prefix_ids.shape
-        if getattr(decoder, "compiled", False):  # a compiled step attends the whole buffer: sizes in
+        if decoder.compiled:  # a compiled step attends the whole buffer: sizes in
             max_len = -(-max_len // 64) * 64     # steps of 64 let tasks and lengths share its graph
         self.cache = decoder.new_cache(b, max_len)
         self.positions = torch.arange(self.cache.max_len, device=prefix_ids.device)
@@ -201,7 +203,7 @@ class _Session:
     def bound(self, end: int) -> int:
         """Cache slots attended by a step whose last position is end - 1: exactly those, or the
         whole buffer for a compiled step, whose shapes must not change as the sequence grows."""
-        return self.cache.max_len if getattr(self.dec, "compiled", False) else end
+        return self.cache.max_len if self.dec.compiled else end
 
     def finish(self):
         self.stats.expert_load = self.load.tolist()

@@ -43,8 +43,14 @@ default-model: $(STAMP)
 	rm -rf runs/shapes-tiny-mtp
 	$(BIN)/mm finetune --from mm/default_model --config configs/shapes-tiny-mtp.json --stage mtp --mtp-depths 4 \
 	  --data '$(SHAPES)/train-{000000..000199}.tar' --out runs/shapes-tiny-mtp --export mm/default_model
+	rm -rf runs/shapes-tiny-robust
+	$(BIN)/mm finetune --from mm/default_model --config configs/shapes-tiny-robust.json --stage full \
+	  --data '$(SHAPES)/train-{000000..000199}.tar' --val '$(SHAPES)/val-{000000..000001}.tar' \
+	  --out runs/shapes-tiny-robust --export mm/default_model
 	cp runs/shapes-tiny/loss.png mm/default_model/loss.png
-	$(BIN)/mm eval --checkpoint mm/default_model --data '$(SHAPES)/test-000000.tar' --out mm/default_model/eval.json
+	$(BIN)/mm calibrate --checkpoint mm/default_model
+	$(BIN)/mm eval --checkpoint mm/default_model --data '$(SHAPES)/test-000000.tar' --changes \
+	  --out mm/default_model/eval.json
 
 clean-venv:
 	rm -rf $(VENV)

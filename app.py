@@ -47,6 +47,8 @@ EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 MODES = ("greedy", "beam search", "sampling")
 UNTRAINED_NOTICE = ("**This model is untrained (random weights): its captions are noise.** "
                     "Train the default model with `make default-model`, or start with `--checkpoint DIR`.")
+UNFAMILIAR_NOTICE = ("**This image looks unlike anything this model was trained on** (confidence {conf:.2f}, "
+                     "below its calibrated threshold {threshold:.2f}), so the text is probably wrong.")
 
 
 def user_error(message: str) -> gr.Error:
@@ -129,9 +131,17 @@ def open_image(path) -> Image.Image:
         raise user_error(f"Cannot use this image: {str(e).replace(str(path), Path(path).name)}") from None
 
 
-def stats_markdown(stats: GenerationStats, wall_s: float, first_s: float | None = None) -> str:
+def stats_markdown(stats: GenerationStats, wall_s: float, first_s: float | None = None,
+                   threshold: float | None = None) -> str:
+    """The request's figures; first, when the image was judged unlike the training data, a notice."""
     busy = stats.prefill_s + stats.decode_s
+    conf = stats.confidence[0] if stats.confidence else None
+    notice = ""
+    if conf is not None and threshold is not None and conf < threshold:
+        notice = UNFAMILIAR_NOTICE.format(conf=conf, threshold=threshold) + "\n\n"
     parts = [f"latency **{wall_s:.2f} s**"]
+    if conf is not None:
+        parts.insert(0, f"confidence **{conf:.2f}**")
     if first_s is not None:
         parts.append(f"first text after {first_s:.2f} s")
     parts.append(f"{stats.new_tokens} tokens, **{stats.new_tokens / busy if busy else 0:.1f} tokens/s** "
@@ -140,7 +150,7 @@ def stats_markdown(stats: GenerationStats, wall_s: float, first_s: float | None 
         parts.append(f"{stats.tokens_per_forward:.2f} tokens per forward")
     if stats.speculative and stats.acceptance is not None:
         parts.append(f"MTP draft acceptance {stats.acceptance:.0%}")
-    return " · ".join(parts)
+    return notice + " · ".join(parts)
 
 
 def routing_figure(expert_load) -> Figure | None:
@@ -169,7 +179,7 @@ def write_tables(rows: list[dict], out_dir: Path) -> tuple[str, str]:
     """Batch results as captions.csv and captions.jsonl (UTF-8, Chinese kept as is)."""
     csv_path, jsonl_path = out_dir / "captions.csv", out_dir / "captions.jsonl"
     with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "task", "caption", "error"])
+        writer = csv.DictWriter(f, fieldnames=["file", "task", "caption", "confidence", "unfamiliar", "error"])
         writer.writeheader()
         writer.writerows(rows)
     with open(jsonl_path, "w", encoding="utf-8") as f:
@@ -219,7 +229,8 @@ class Shell:
             stats = req.result().stats
         finally:
             req.cancel()  # a user who closed the page frees the row; no-op once finished
-        yield text, stats_markdown(stats, time.perf_counter() - start, first), routing_figure(stats.expert_load)
+        yield (text, stats_markdown(stats, time.perf_counter() - start, first, self.cap.threshold),
+               routing_figure(stats.expert_load))
 
     def caption(self, image, task="caption", mode="greedy", num_beams=4, temperature=0.7, top_p=1.0,
                 max_new_tokens=64, repetition_penalty=1.0, speculative=True, seed=-1) -> str:
@@ -242,16 +253,20 @@ class Shell:
         self._check_task(task)
         rows, pending = [], []
         for path in files:  # all submitted at once: the engine batches them with everyone else's
-            row = {"file": Path(path).name, "task": task, "caption": "", "error": ""}
+            row = {"file": Path(path).name, "task": task, "caption": "", "confidence": None, "unfamiliar": None,
+                   "error": ""}
             try:
                 pending.append((row, self._submit(path, task, opts)))
             except gr.Error as e:
                 row["error"] = e.message.replace(html.escape(str(path), quote=False), row["file"])
             rows.append(row)
         for row, req in pending:
-            row["caption"] = req.result().text
+            result = req.result()
+            row["caption"] = result.text
+            row["confidence"] = round(result.stats.confidence[0], 4)
+            row["unfamiliar"] = self.cap.unfamiliar(result.stats.confidence[0])
         tables = write_tables(rows, self._table_dir())
-        table = [[r["file"], r["caption"], r["error"]] for r in rows]
+        table = [[r["file"], r["caption"], r["confidence"], r["unfamiliar"], r["error"]] for r in rows]
         summary = f"{len(pending)} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
         return table, summary, *tables
 
@@ -315,7 +330,8 @@ def build_demo(cap: Captioner, engine: Engine, untrained: bool = False) -> gr.Bl
             batch_task = gr.Dropdown(cap.tasks, value=cap.tasks[0], label="Task")
             batch_run = gr.Button("Caption all", variant="primary")
             summary = gr.Markdown()
-            table = gr.Dataframe(headers=["file", "caption", "error"], label="Captions", interactive=False)
+            table = gr.Dataframe(headers=["file", "caption", "confidence", "unfamiliar", "error"], label="Captions",
+                                 interactive=False)
             with gr.Row():
                 csv_file, jsonl_file = gr.File(label="CSV"), gr.File(label="JSONL")
             batch_run.click(shell.batch, [files, batch_task, *options], [table, summary, csv_file, jsonl_file],

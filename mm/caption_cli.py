@@ -1,7 +1,9 @@
 """`mm caption`: caption files, folders, globs and webdataset shards to JSONL.
 
-One JSON line per captioned image (`{"path"|"key", "caption", "task"}`) goes to
-stdout or `--out`; a progress bar goes to stderr. An unreadable or non-image input
+One JSON line per captioned image (`{"path"|"key", "caption", "task", "confidence",
+"unfamiliar"}`) goes to stdout or `--out`. `confidence` is in [0, 1] (mm/confidence.py);
+`unfamiliar` is true when it is below the model's calibrated threshold, i.e. the image
+looks unlike anything the model was trained on (always false for an uncalibrated model); a progress bar goes to stderr. An unreadable or non-image input
 is reported with its path and the reason and skipped, and so is a shard that cannot
 be read or breaks partway (its samples after the break are lost: that shard counts as
 one failure). Shard samples are read by the same rules as training (`mm/samples.py`).
@@ -150,9 +152,10 @@ def caption_all(cap, args, options: dict, out) -> tuple[int, int]:
         nonlocal done
         if not pending:
             return
-        texts = cap.caption([img for _, img in pending], task=args.task, **options)
-        for (rec, _), text in zip(pending, texts):
-            out.write(json.dumps(rec | {"caption": text, "task": args.task}, ensure_ascii=False) + "\n")
+        res = cap.run([img for _, img in pending], task=args.task, **options)
+        for (rec, _), text, conf, odd in zip(pending, res.texts, res.confidence, res.unfamiliar):
+            line = rec | {"caption": text, "task": args.task, "confidence": round(conf, 4), "unfamiliar": odd}
+            out.write(json.dumps(line, ensure_ascii=False) + "\n")
         out.flush()
         done += len(pending)
         bar.update(len(pending))

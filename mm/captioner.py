@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -30,6 +30,8 @@ _GEN_OPTIONS = {f.name for f in fields(GenerationConfig)}
 class CaptionResult:
     texts: list[str]
     stats: GenerationStats
+    confidence: list[float] = field(default_factory=list)  # per image, in [0, 1] (mm/confidence.py)
+    unfamiliar: list[bool] = field(default_factory=list)  # per image: confidence below the model's threshold
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -124,7 +126,17 @@ class Captioner:
                                   self.tokenizer.eos_id, self.decoder)
             texts += [self.tokenizer.decode(row).strip() for row in ids]
             total.add(stats)
-        return CaptionResult(texts, total)
+        return CaptionResult(texts, total, total.confidence, [self.unfamiliar(c) for c in total.confidence])
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated confidence below which an image is reported as unlike the training data;
+        None for a model without a calibration (`mm calibrate`)."""
+        cal = self.model.calibration
+        return None if cal is None else cal.threshold
+
+    def unfamiliar(self, confidence: float) -> bool:
+        return self.threshold is not None and confidence < self.threshold
 
     def caption(self, images, task: str = "caption", **options):
         """A caption (str) for one image, or a list of captions for a list of images."""

@@ -20,6 +20,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lm.config import CheckpointError, ConfigError
+from mm.confidence import FILE as CALIBRATION
+from mm.confidence import Calibration
 from mm.config import MMConfig
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
@@ -107,6 +109,9 @@ def save_checkpoint(path, model: CaptionModel, tokenizer: Tokenizer, dtype: torc
             state[k] = v.contiguous().cpu()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
+        calibration = getattr(model, "calibration", None)  # training's state views have none
+        if calibration is not None:
+            calibration.save(tmp)
         if extra is not None:
             extra(tmp)
 
@@ -174,6 +179,11 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
         raise CheckpointError(f"{path / 'config.json'}: cannot build the model it describes ({e})") from e
     model.cfg = cfg
     load_state_strict(model, state, str(path / "model.safetensors"))
+    try:
+        model.calibration = Calibration.load(path)
+    except (SafetensorError, OSError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / CALIBRATION}: damaged ({type(e).__name__}: {e}); run mm calibrate "
+                              f"again or delete it") from e
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
 

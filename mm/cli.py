@@ -23,6 +23,7 @@ COMMANDS = {
     "train": ("train.cli", "train a captioner from a JSON config"),
     "finetune": ("train.finetune", "fine-tune a checkpoint, or a timm encoder + DeepSeek-format LM"),
     "eval": ("train.evaluate", "score a checkpoint on shards (BLEU-4, ROUGE-L, CIDEr, exact match)"),
+    "calibrate": ("train.calibrate", "fit a checkpoint's image-familiarity statistics and confidence threshold"),
     "serve": ("app", "serve the Gradio app"),
 }
 

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mm.captioner import Captioner, CaptionText
+from mm.confidence import chosen_logprob, confidence
 from mm.generate import GenerationConfig, GenerationStats, _choose, _process, _rng, generate, stream_tokens
 from vision.preprocess import load_image
 
@@ -106,8 +107,10 @@ class Request:
 class _Row:
     """A running request's decoding state."""
 
-    def __init__(self, req: Request, tokenizer, pos: int, load: torch.Tensor, prefill_s: float):
+    def __init__(self, req: Request, tokenizer, pos: int, load: torch.Tensor, prefill_s: float,
+                 familiarity: float | None):
         self.req, self.pos = req, pos  # pos: where the next token goes
+        self.familiarity, self.logprob = familiarity, 0.0  # for its confidence (mm/confidence.py)
         self.gen = req.gen
         self.rng = _rng(req.gen, load.device)
         self.tokens: list[int] = []
@@ -250,7 +253,9 @@ class Engine:
         for i, r in enumerate(reqs):
             prefix[i, : lengths[i]] = self.prefix[r.task]
         pixels = torch.stack([r.pixels for r in reqs]).to(device=dev, dtype=param.dtype)
-        embeds = self.model.embed(prefix, self.model.encode_images(pixels))
+        image_embeds, familiarity = self.model.encode(pixels)
+        familiarity = familiarity.tolist() if familiarity is not None else [None] * m
+        embeds = self.model.embed(prefix, image_embeds)
         scratch = self.dec.new_cache(m, n)
         real = torch.arange(n, device=dev) < torch.tensor(lengths, device=dev)[:, None]  # [m, n]
         out = self.dec(embeds, scratch, torch.arange(n, device=dev).expand(m, n), bound=n, compiled=False,
@@ -262,7 +267,7 @@ class Engine:
         counts = out.counts.double()
         prefill_s = time.perf_counter() - t0
         for i, req in enumerate(reqs):  # (the padding's routing is not counted: valid=real)
-            self.rows.append(_Row(req, self.tok, lengths[i], counts[:, i], prefill_s))
+            self.rows.append(_Row(req, self.tok, lengths[i], counts[:, i], prefill_s, familiarity[i]))
         self._choose_and_emit(self.rows[first:], logits)
 
     def _step(self) -> None:
@@ -298,7 +303,10 @@ class Engine:
                 scores = _process(logits[i:i + 1], generated, len(r.tokens), r.gen, eos)
                 chosen[i] = _choose(scores, r.gen, r.rng)[0]
         finished = []
-        for row, tok in zip(rows, chosen.tolist()):  # the one host synchronisation of a step
+        logprob = chosen_logprob(logits, chosen).double()
+        for row, (tok, lp) in zip(rows, torch.stack([chosen.double(), logprob], 1).tolist()):  # the one sync
+            tok = int(tok)
+            row.logprob += lp
             row.tokens.append(tok)
             row.stats.new_tokens += 1
             if piece := row.text.push(tok):
@@ -324,6 +332,8 @@ class Engine:
             now = time.perf_counter()
             row.stats.decode_s = now - row.started
             row.stats.expert_load = row.load.tolist()
+            fam = None if row.familiarity is None else torch.tensor([row.familiarity])
+            row.stats.confidence = confidence(torch.tensor([row.logprob / len(row.tokens)]), fam).tolist()
             text = self.tok.decode(row.tokens).strip()
             row.req._events.put(("done", RequestResult(text, row.tokens, row.stats,
                                                        row.started - row.stats.prefill_s - row.req.submitted,

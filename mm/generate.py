@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 import lm
+from mm.confidence import chosen_logprob, confidence
 
 
 @dataclass
@@ -112,6 +113,7 @@ class GenerationStats:
     accepted: int = 0
     speculative: bool = False
     expert_load: list = field(default_factory=list)  # [moe layer][expert] tokens routed
+    confidence: list = field(default_factory=list)  # per sequence, in order (mm/confidence.py)
 
     def add(self, other: GenerationStats) -> GenerationStats:
         """Fold another call's stats (of the same model) into these."""
@@ -122,6 +124,7 @@ class GenerationStats:
             self.expert_load = [list(layer) for layer in other.expert_load]
         else:
             self.expert_load = [[a + b for a, b in zip(x, y)] for x, y in zip(self.expert_load, other.expert_load)]
+        self.confidence = self.confidence + other.confidence
         return self
 
     @property
@@ -170,14 +173,18 @@ class _Session:
     """Shared plumbing: the prefill, steps at the rows' next position, and the expert-load tally.
 
     Rows share the prompt length (one task per call), so one position counter serves all;
-    positions come from one preallocated range and the expert load is summed on the device.
+    positions come from one preallocated range and the expert load is summed on the device,
+    as are the log-probabilities of the tokens each row writes (its confidence).
     """
 
     def __init__(self, model, decoder, images, prefix_ids, max_len, stats):
         self.model, self.dec, self.stats = model, decoder, stats
         t0 = time.perf_counter()
-        embeds = model.embed(prefix_ids, model.encode_images(images))
+        image_embeds, self.familiarity = model.encode(images)
+        embeds = model.embed(prefix_ids, image_embeds)
         b, n = prefix_ids.shape
+        self.logprob = torch.zeros(b, device=prefix_ids.device)  # sum over each row's tokens
+        self.written = torch.zeros(b, device=prefix_ids.device)  # tokens counted in it
         if decoder.compiled:  # a compiled step attends the whole buffer: sizes in
             max_len = -(-max_len // 64) * 64     # steps of 64 let tasks and lengths share its graph
         self.cache = decoder.new_cache(b, max_len)
@@ -205,8 +212,25 @@ class _Session:
         whole buffer for a compiled step, whose shapes must not change as the sequence grows."""
         return self.cache.max_len if self.dec.compiled else end
 
-    def finish(self):
+    def score(self, logits: torch.Tensor, tokens: torch.Tensor, live: torch.Tensor | None = None):
+        """Count tokens [B] (or [B, n]) chosen from logits [B, V] ([B, n, V]) in each row's
+        confidence; `live` [B] masks rows that have ended."""
+        lp = chosen_logprob(logits, tokens)
+        if lp.dim() == 2:
+            lp, n = lp.sum(1), lp.shape[1]
+        else:
+            n = 1
+        if live is not None:
+            lp, n = lp * live, live * n
+        self.logprob += lp
+        self.written += n
+
+    def finish(self, mean_logprob: torch.Tensor | None = None):
+        """Record the expert load and each row's confidence (from `score`, or the given mean log-probs)."""
         self.stats.expert_load = self.load.tolist()
+        if mean_logprob is None:
+            mean_logprob = self.logprob / self.written.clamp(min=1)
+        self.stats.confidence = confidence(mean_logprob, self.familiarity).tolist()
 
 
 def _process(logits, generated, step, gen: GenerationConfig, eos_id):
@@ -266,8 +290,10 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
     ended = [False] * B
     t0 = time.perf_counter()
     for step in range(gen.max_new_tokens):
-        nxt = _choose(_process(s.out.logits[:, -1], generated, step, gen, eos_id), gen, rng)
+        logits = s.out.logits[:, -1]
+        nxt = _choose(_process(logits, generated, step, gen, eos_id), gen, rng)
         nxt = torch.where(done, eos_id, nxt)
+        s.score(logits, nxt, ~done)
         toks = nxt.tolist()
         yield [[] if e else [t] for e, t in zip(ended, toks)]
         stats.new_tokens += ended.count(False)
@@ -287,6 +313,7 @@ def _speculative(model, decoder, images, prefix_ids, gen, eos_id, stats):
     s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + k + 1, stats)
     t0 = time.perf_counter()
     tok = int(s.out.logits[0, -1].argmax())
+    s.score(s.out.logits[:, -1], prefix_ids.new_tensor([tok]))
     produced = 1
     yield [[tok]]
     pos = s.positions[None]
@@ -320,6 +347,7 @@ def _speculative(model, decoder, images, prefix_ids, gen, eos_id, stats):
         if eos_id in new:
             new = new[: new.index(eos_id) + 1]
         new = new[: gen.max_new_tokens - produced]
+        s.score(out.logits[:, : len(new)], prefix_ids.new_tensor([new]))  # new[i] was read at logits i
         stats.drafts += k
         stats.accepted += min(accepted, len(new))  # drafts past <eos> or the length limit do not count
         produced += len(new)
@@ -369,9 +397,9 @@ def beam_search(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
         s.cache.reorder(beam)
         logits = s.step(tok[:, None]).logits[:, -1]
     stats.decode_s = time.perf_counter() - t0
-    s.finish()
     norm = scores.view(-1) / lengths.clamp(min=1) ** gen.length_penalty
     best = norm.view(B, K).argmax(-1) + torch.arange(B, device=norm.device) * K
+    s.finish(scores.view(-1)[best] / lengths[best].clamp(min=1))  # the beam's mean log-prob per token
     results = []
     for row in seqs[best].tolist():
         results.append(row[: row.index(eos_id) + 1] if eos_id in row else row)

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lm
+from mm.confidence import Calibration
 from mm.config import MMConfig
 from mm.projector import Projector
 from vision import VisionEncoder
@@ -51,6 +52,7 @@ class CaptionModel(nn.Module):
             pixel_shuffle=p.pixel_shuffle, hidden_mult=p.hidden_mult, pos_embed=p.pos_embed,
         )
         self.lm = language_model if language_model is not None else lm.Transformer(cfg.lm)
+        self.calibration: Calibration | None = None  # image familiarity statistics (mm/confidence.py)
 
     @property
     def num_image_tokens(self) -> int:
@@ -59,6 +61,13 @@ class CaptionModel(nn.Module):
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] -> projected image tokens [B, N, d_lm]."""
         return self.projector(self.vision(images))
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[B, 3, H, W] -> (projected image tokens [B, N, d_lm], familiarity [B] or None when the
+        model has no calibration); one encoder pass serves both."""
+        features = self.vision(images)
+        familiarity = self.calibration.familiarity(features) if self.calibration is not None else None
+        return self.projector(features), familiarity
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
         """Token embeddings with every `<image>` position replaced, in order, by an image token."""

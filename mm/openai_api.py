@@ -7,7 +7,8 @@ nothing, so a remote URL is a clear 400) and a text part naming the task or its 
 `temperature` (default 0: greedy, what a captioner wants; OpenAI's own default is 1),
 `top_p`, `seed` and `stream` (server-sent events in the chunk format, ending with
 `data: [DONE]`) are honoured; `usage` counts the prompt (with its image tokens) and the
-completion. Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
+completion. Each choice also carries `confidence` (in [0, 1]) and `unfamiliar` (true when
+the image looks unlike the model's training data: mm/confidence.py). Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
 with 400 for bad input, 413 for an oversized payload, 429 when the engine's queue is
 full and 503 when it has stopped.
 """
@@ -165,7 +166,7 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
         prompt_tokens = len(engine.prefix[task])
         cid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:
-            return StreamingResponse(_events(req, cid, now, model_id, prompt_tokens, include_usage, engine.tok.eos_id),
+            return StreamingResponse(_events(req, cid, now, model_id, prompt_tokens, include_usage, engine),
                                      media_type="text/event-stream")
         try:
             res = await run_in_threadpool(req.result)
@@ -173,7 +174,7 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
             return APIError(500, f"captioning failed: {e}", kind="server_error").response()
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                             "finish_reason": _finish(res, engine.tok.eos_id)}],
+                             "finish_reason": _finish(res, engine.tok.eos_id), **_judgement(res, engine)}],
                 "usage": _usage(prompt_tokens, res)}
 
     return api
@@ -183,17 +184,23 @@ def _finish(res, eos_id: int) -> str:
     return "stop" if res.tokens and res.tokens[-1] == eos_id else "length"
 
 
+def _judgement(res, engine: Engine) -> dict:
+    conf = res.stats.confidence[0]
+    cal = engine.model.calibration
+    return {"confidence": round(conf, 4), "unfamiliar": cal is not None and conf < cal.threshold}
+
+
 def _usage(prompt_tokens: int, res) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": len(res.tokens),
             "total_tokens": prompt_tokens + len(res.tokens)}
 
 
-def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, include_usage: bool, eos_id: int):
+def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, include_usage: bool, engine: Engine):
     """Server-sent events in the chunk format; a client that goes away cancels the request."""
 
-    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+    def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, extra: dict | None = None) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **(extra or {})}]}
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -203,7 +210,8 @@ def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, incl
         for piece in req.stream():
             yield chunk({"content": piece})
         res = req.result()
-        yield chunk({}, _finish(res, eos_id), _usage(prompt_tokens, res) if include_usage else None)
+        yield chunk({}, _finish(res, engine.tok.eos_id), _usage(prompt_tokens, res) if include_usage else None,
+                    _judgement(res, engine))
     except Exception as e:
         err = {"error": {"message": f"captioning failed: {e}", "type": "server_error", "param": None, "code": None}}
         yield f"data: {json.dumps(err)}\n\n"

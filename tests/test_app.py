@@ -207,13 +207,16 @@ def test_batch_tab_captions_each_file_and_reports_broken_ones(tiny, files):
     rows = table["data"]
     assert [r[0] for r in rows] == ["scene.png", "broken.png", "grey.png"]
     assert rows[0][1] == cap.caption(files["scene"], task="caption_zh", **AS_APP)
-    assert rows[1][1] == "" and "not a readable image" in rows[1][2]
+    assert rows[1][1] == "" and "not a readable image" in rows[1][4]
+    assert rows[0][2] == round(cap.run(files["scene"], task="caption_zh", **AS_APP).confidence[0], 4)
+    assert rows[0][3] is cap.unfamiliar(rows[0][2]) is False
     assert "2 of 3" in summary
     with open(csv_path, encoding="utf-8") as f:
         from_csv = list(csv.DictReader(f))
     from_jsonl = [json.loads(line) for line in Path(jsonl_path).read_text(encoding="utf-8").splitlines()]
     for rec in (from_csv, from_jsonl):
-        assert [(r["file"], r["caption"], r["error"]) for r in rec] == [tuple(r) for r in rows]
+        assert [(r["file"], r["caption"], r["error"]) for r in rec] == [(r[0], r[1], r[4]) for r in rows]
+        assert float(rec[0]["confidence"]) == rows[0][2]
         assert {r["task"] for r in rec} == {"caption_zh"}
     with pytest.raises(AppError, match="Invalid file type"):  # the file picker's type rule holds on the server
         client.predict([handle_file(files["text"])], "caption", api_name="/caption_batch")
@@ -330,6 +333,9 @@ def test_openai_chat_completion_equals_the_captioner(tiny, files, openai_client)
         r = openai_client.chat.completions.create(**chat(text, data_url(files["scene"]), max_tokens=FEW))
         assert r.choices[0].message.content == cap.caption(files["scene"], task=task, max_new_tokens=FEW), task
         assert r.choices[0].finish_reason in ("stop", "length") and r.object == "chat.completion"
+        judged = cap.run(files["scene"], task=task, max_new_tokens=FEW)
+        assert r.choices[0].model_extra == {"confidence": round(judged.confidence[0], 4),
+                                            "unfamiliar": judged.unfamiliar[0]}
         prompt = len(cap.tokenizer.build_prompt(cap.model.cfg.tasks[task], cap.model.num_image_tokens))
         assert (r.usage.prompt_tokens, r.usage.total_tokens) == (prompt, prompt + r.usage.completion_tokens)
     models = openai_client.models.list()
@@ -344,6 +350,7 @@ def test_openai_stream_and_sampling(tiny, files, openai_client):
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.rstrip("\ufffd") == cap.caption(files["grey"], task="describe", max_new_tokens=FEW).rstrip("\ufffd")
     assert chunks[-1].choices[0].finish_reason in ("stop", "length") and chunks[-1].usage.completion_tokens >= 1
+    assert 0 <= chunks[-1].choices[0].model_extra["confidence"] <= 1
     sampled = openai_client.chat.completions.create(**chat("caption", data_url(files["scene"]), max_tokens=FEW,
                                                            temperature=1.2, top_p=0.9, seed=5))
     assert sampled.choices[0].message.content == cap.caption(files["scene"], max_new_tokens=FEW, temperature=1.2,

@@ -142,12 +142,17 @@ class _ShuffleSamples:
 
 
 class _Decode:
-    """Raw sample -> {"image": tensor, "texts": {task: str}, "key", "url"}; texts from json, then txt."""
+    """Raw sample -> {"image": tensor, "texts": {task: str}, "key", "url"}; texts from json, then txt.
+    `augment(pil, rng)` changes the image first, with a generator seeded per (seed, epoch, rank, worker)."""
 
-    def __init__(self, image_transform: Callable, tasks: tuple[str, ...], errors: DataErrors):
+    def __init__(self, image_transform: Callable, tasks: tuple[str, ...], errors: DataErrors,
+                 augment: Callable | None = None, seed: int = 0, epoch: _Epoch | None = None, rank: int = 0):
         self.image_transform, self.tasks, self.errors = image_transform, tasks, errors
+        self.augment, self.seed, self.epoch, self.rank = augment, seed, epoch, rank
 
     def __call__(self, src):
+        epoch = self.epoch.value if self.epoch is not None else 0
+        rng = _rng(self.seed, epoch, self.rank, _worker()[0], "augment")
         for s in src:
             url, key = s.get("__url__", "?"), s.get("__key__", "?")
             try:
@@ -156,6 +161,8 @@ class _Decode:
             except BadSample as e:
                 self.errors.add(e.reason, url, key, e.detail)
                 continue
+            if self.augment is not None:
+                pil = self.augment(pil, rng)
             yield {"image": self.image_transform(pil), "texts": texts, "key": key, "url": url}
 
 
@@ -314,10 +321,11 @@ def make_loader(urls: str | list[str], *, encode: Encode, image_transform: Calla
                 seed: int = 0, epoch: int = 0, num_workers: int = 0, rank: int | None = None,
                 world_size: int | None = None, drop_last: bool = True, shuffle: int = 1000,
                 pad_to: dict[str, int] | int | None = None, pad_id: int = 0,
-                samples_per_epoch: int | None = None) -> Loader:
+                samples_per_epoch: int | None = None, augment: Callable | None = None) -> Loader:
     """Build the reader. `shuffle` is the sample buffer size (<= 1 reads in order: no shard or sample
     shuffle). With `resampled`, an epoch is `samples_per_epoch` (default: sizes.json) samples over all
-    ranks; unknown, the stream never ends. `pad_to` fixes T per task (dict) or for all (int)."""
+    ranks; unknown, the stream never ends. `pad_to` fixes T per task (dict) or for all (int).
+    `augment(pil, rng)` (train/augment.py) changes each image before `image_transform`."""
     shards = expand_urls(urls)
     rank, world_size = _rank_world(rank, world_size)
     tasks = tuple(tasks) if tasks else TASKS
@@ -349,7 +357,7 @@ def make_loader(urls: str | list[str], *, encode: Encode, image_transform: Calla
         *source,
         _TarSamples(errors),
         _ShuffleSamples(shuffle, seed, epoch_state, rank) if shuffle > 1 else None,
-        _Decode(image_transform, tasks, errors),
+        _Decode(image_transform, tasks, errors, augment, seed, epoch_state, rank),
         _Batch(batch_size=batch_size, tasks=tasks, task_mode=task_mode, encode=encode, pad_to=pad_to, pad_id=pad_id,
                drop_last=drop_last, seed=seed, epoch=epoch_state, errors=errors, max_batches=max_batches),
     )

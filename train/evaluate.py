@@ -2,8 +2,11 @@
 
 For each task: BLEU-4, ROUGE-L, CIDEr (pycocoevalcap's scorers) and exact match;
 for the synthetic scenes also per-attribute accuracy (count, colour, shape, size,
-place), and the MTP draft acceptance of self-speculative decoding. Results go to
-a JSON file and a table on stdout.
+place), the MTP draft acceptance of self-speculative decoding, and the distribution
+of the captions' confidence (mm/confidence.py) with the share flagged as unfamiliar.
+`--changes` scores exact match and confidence again with each image changed the way
+real images are (`train/augment.py` CHANGES: JPEG, rescale, noise, shift, non-square
+canvas). Results go to a JSON file and tables on stdout.
 """
 
 from __future__ import annotations
@@ -37,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--out", default=None, help="write the scores as JSON here")
     p.add_argument("--spec-samples", type=int, default=100,
                    help="images per task decoded with MTP speculation to measure draft acceptance (0 = skip)")
+    p.add_argument("--changes", nargs="*", default=None, metavar="CHANGE",
+                   help="also score under image changes: names from train/augment.py CHANGES, or none "
+                        "given = all of them")
+    p.add_argument("--changes-limit", type=int, default=200, help="samples scored per change (0 = all)")
 
 
 def read_samples(urls: str, limit: int = 0, tasks: list[str] | None = None,
@@ -78,11 +85,8 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
         rows = [s for s in samples if task in s["texts"]]
         if not rows:
             continue
-        preds, t0, stats = [], time.perf_counter(), None
-        for i in tqdm(range(0, len(rows), batch_size), desc=f"eval {task}", file=sys.stderr, leave=False):
-            res = cap.run([r["image"] for r in rows[i : i + batch_size]], task=task, speculative=False)
-            preds += res.texts
-            routing.add(res.stats)
+        t0, stats = time.perf_counter(), None
+        preds, confidence = _caption(cap, [r["image"] for r in rows], task, batch_size, routing)
         if spec_samples:
             spec = cap.run([r["image"] for r in rows[:spec_samples]], task=task, speculative=True)
             stats = spec.stats
@@ -92,6 +96,7 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
         if task in SCENE_TASKS and all(r["scene"] for r in rows):  # the grammar's tasks parse back
             scores["attributes"] = scene_attribute_accuracy(preds, [r["scene"] for r in rows], task)
         scores["n"] = len(rows)
+        scores["confidence"] = confidence_summary(cap, confidence)
         if stats is not None:
             scores["mtp_acceptance"] = stats.acceptance
             scores["draft_tokens"] = GenerationConfig().drafts(cap.model)
@@ -109,15 +114,67 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
     return results
 
 
+def _caption(cap, images, task: str, batch_size: int, routing=None, desc: str = "") -> tuple[list, list]:
+    """Greedy captions and their confidences, in batches."""
+    texts, confidence = [], []
+    for i in tqdm(range(0, len(images), batch_size), desc=f"eval {desc or task}", file=sys.stderr, leave=False):
+        res = cap.run(images[i : i + batch_size], task=task, speculative=False)
+        texts += res.texts
+        confidence += res.confidence
+        if routing is not None:
+            routing.add(res.stats)
+    return texts, confidence
+
+
+def confidence_summary(cap, confidence: list[float]) -> dict:
+    """Quantiles of the confidences and the share below the model's threshold."""
+    import numpy as np
+
+    q = np.quantile(np.asarray(confidence), [0.0, 0.01, 0.05, 0.5]).round(4).tolist()
+    out = dict(zip(("min", "p01", "p05", "median"), q))
+    out["unfamiliar"] = (sum(cap.unfamiliar(c) for c in confidence) / len(confidence)
+                         if cap.threshold is not None else None)
+    return out
+
+
+def evaluate_changes(cap, samples: list[dict], tasks: list[str], changes: list[str], batch_size: int = 32) -> dict:
+    """{change: {task: {exact_match, confidence}}} with every image changed by CHANGES[change]."""
+    from train.augment import CHANGES
+
+    out = {}
+    for name in changes:
+        images = [CHANGES[name](s["image"]) for s in samples]
+        out[name] = {}
+        for task in tasks:
+            keep = [i for i, s in enumerate(samples) if task in s["texts"]]
+            preds, confidence = _caption(cap, [images[i] for i in keep], task, batch_size, desc=f"{name} {task}")
+            exact = sum(p == samples[i]["texts"][task] for p, i in zip(preds, keep)) / max(1, len(keep))
+            out[name][task] = {"exact_match": exact, "n": len(keep), "confidence": confidence_summary(cap, confidence)}
+    return out
+
+
+def changes_table(changes: dict) -> str:
+    tasks = list(next(iter(changes.values())))
+    lines = ["| change | " + " | ".join(tasks) + " | unfamiliar |", "|" + "---|" * (len(tasks) + 2)]
+    for name, per_task in changes.items():
+        flagged = [s["confidence"]["unfamiliar"] for s in per_task.values()]
+        share = "-" if None in flagged else f"{sum(flagged) / len(flagged):.3f}"
+        lines.append(f"| {name} | " + " | ".join(f"{per_task[t]['exact_match']:.3f}" for t in tasks) + f" | {share} |")
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     cols = ["exact_match", "bleu4", "rouge_l", "cider", "mtp_acceptance"]
-    lines = ["| task | n | " + " | ".join(cols) + " | attributes |", "|" + "---|" * (len(cols) + 3)]
+    lines = ["| task | n | " + " | ".join(cols) + " | confidence p01 / median | unfamiliar | attributes |",
+             "|" + "---|" * (len(cols) + 5)]
     for task, s in results.items():
-        if task in ("expert_load", "data_errors"):
+        if task in ("expert_load", "data_errors", "changes"):
             continue
         vals = " | ".join("-" if s.get(c) is None else f"{s[c]:.3f}" for c in cols)
+        conf = s["confidence"]
+        flagged = "-" if conf["unfamiliar"] is None else f"{conf['unfamiliar']:.3f}"
         attrs = ", ".join(f"{k} {v:.3f}" for k, v in s.get("attributes", {}).items())
-        lines.append(f"| {task} | {s['n']} | {vals} | {attrs} |")
+        lines.append(f"| {task} | {s['n']} | {vals} | {conf['p01']:.3f} / {conf['median']:.3f} | {flagged} | {attrs} |")
     if "expert_load" in results:
         ratios = ", ".join(f"{r:.2f}" for r in results["expert_load"]["max_over_mean"])
         lines.append(f"\nexpert load max/mean per MoE layer (all tasks): {ratios}")
@@ -128,7 +185,12 @@ def run(args) -> int:
     from mm.captioner import Captioner
 
     try:
-        for name in ("limit", "spec_samples"):
+        from train.augment import CHANGES
+
+        changes = None if args.changes is None else (args.changes or list(CHANGES))
+        if unknown := sorted(set(changes or ()) - set(CHANGES)):
+            raise ValueError(f"unknown change(s) {unknown}; choose from {sorted(CHANGES)}")
+        for name in ("limit", "spec_samples", "changes_limit"):
             if getattr(args, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
         if args.batch_size < 1:
@@ -149,7 +211,13 @@ def run(args) -> int:
     results = evaluate(cap, samples, tasks, args.batch_size, args.spec_samples)
     results["data_errors"] = {"total": skipped.total, "by_reason": dict(skipped.counts),
                               "examples": skipped.examples[:10]}
+    if changes:
+        subset = samples[: args.changes_limit] if args.changes_limit else samples
+        results["changes"] = evaluate_changes(cap, subset, tasks, changes, args.batch_size)
     print(table(results))
+    if changes:
+        print("\nexact match under image changes (" + str(len(subset)) + " samples per task):\n"
+              + changes_table(results["changes"]))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

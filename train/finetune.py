@@ -85,6 +85,7 @@ def from_source(args):
     src = Path(args.source)
     if (src / "model.safetensors").is_file() and (src / "tokenizer.json").is_file() and _is_captioner(src):
         model, tokenizer = load_checkpoint(src)
+        model.calibration = None  # fitted to the encoder before training moves it: `mm calibrate` again
         return model.train(), tokenizer
     if not (src / "config.json").is_file():
         raise FileNotFoundError(f"{src} is neither a Captioner checkpoint nor an HF model directory (no config.json)")

@@ -262,7 +262,7 @@ def train(cfg: TrainConfig, resume: str | None = None, export: str | None = None
         ckpt, state = resume_from(candidates, lambda p: C.load(pipe, p, opt, sched), say)
         say(f"resumed from {ckpt} at step {state['step']}")
     stream = T.DataStream(cfg, cfg.data.train, tokenizer, n_image, transform, grid.data_info,
-                          position=state["data"])
+                          position=state["data"], augment=True)
     runlog = RunLog(out_dir, info.is_main, cfg.tensorboard)
     runlog.start_at(state["step"])
     pipe.parts.train()

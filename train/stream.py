@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import Counter
 
 from mm.samples import BadSample, DataErrors, expand_urls, sample_texts, shard_samples
+from train.augment import Augment
 from train.config import TrainConfig
 from train.data import dataset_size, make_loader
 
@@ -43,10 +44,11 @@ def split_urls(urls: str) -> list[str] | str:
 class DataStream:
     def __init__(self, cfg: TrainConfig, urls: str, tokenizer, num_image_tokens: int, transform, info,
                  position: dict | None = None, resampled: bool | None = None,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, augment: bool = False):
         if not urls:
             raise ValueError("no training shards given: set data.train (e.g. 'data/train-{000000..000009}.tar')")
         self.cfg, self.urls, self.info, self.transform = cfg, split_urls(urls), info, transform
+        self.augment = Augment(cfg.augment) if augment and cfg.augment.enabled else None  # training data only
         self.resampled = cfg.data.resampled if resampled is None else resampled
         self.num_workers = cfg.data.num_workers if num_workers is None else num_workers
         prompts = cfg.model.tasks
@@ -81,6 +83,7 @@ class DataStream:
             num_workers=self.num_workers, rank=self.info.rank, world_size=self.info.world_size,
             shuffle=d.shuffle, pad_id=self.pad_id, pad_to=self.pad_to,
             samples_per_epoch=(d.epoch_batches * self.cfg.optim.batch_size * self.info.world_size) or None,
+            augment=self.augment,
         )
         self.iterator = iter(self.loader)
         self.batch = 0

@@ -27,6 +27,7 @@ from mm.model import CaptionModel
 from mm.samples import DataErrors, expand_urls
 from mm.tokenizer import Tokenizer
 from train import dist as D
+from train.augment import Augment
 from train.checkpoints import (
     latest_checkpoint,
     load_train_state,
@@ -252,7 +253,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
         ckpt, state = resume_from(candidates, lambda p: load_train_state(p, raw, opt, sched, info), say)
         say(f"resumed from {ckpt} at step {state['step']}")
     stream = DataStream(cfg, cfg.data.train, tokenizer, raw.num_image_tokens, image_transform(raw), info,
-                        position=state["data"])
+                        position=state["data"], augment=True)
     runlog = RunLog(out_dir, info.is_main, cfg.tensorboard)
     runlog.start_at(state["step"])
     _describe(raw, say)
@@ -328,6 +329,7 @@ def warm_up(raw: CaptionModel, cfg: TrainConfig, info: D.DistInfo, say) -> dict[
     raw.to(info.device)
     return warm_up_vision(raw.vision, image_transform(raw), steps=w.steps, lr=w.lr, batch_size=w.batch_size,
                           weight_decay=w.weight_decay, seed=cfg.seed, autocast_dtype=AUTOCAST[cfg.precision],
+                          augment=Augment(cfg.augment, geometric=False) if cfg.augment.enabled else None,
                           channels_last=cfg.channels_last, device=info.device, show_progress=info.is_main,
                           say=say)
 

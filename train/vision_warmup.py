@@ -32,12 +32,16 @@ from vision.encoder import VisionEncoder
 ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOURS), "size": tuple(SIZES)}
 
 
-def scene_batch(start: int, size: int, seed: int, transform) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Training-split scenes start..start+size-1 -> images [B, 3, H, W] and per-cell labels [B, 9]."""
+def scene_batch(start: int, size: int, seed: int, transform,
+                augment=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Training-split scenes start..start+size-1 -> images [B, 3, H, W] and per-cell labels [B, 9];
+    `augment(pil, rng)` (pixel-level changes only: the labels are per grid cell) changes each image."""
     images, labels = [], {k: torch.zeros(size, 9, dtype=torch.long) for k in ATTRIBUTES}
     for i in range(size):
-        scene = sample_scene(sample_rng("train", seed, start + i))
-        images.append(transform(render(scene)))
+        rng = sample_rng("train", seed, start + i)
+        scene = sample_scene(rng)
+        image = render(scene)
+        images.append(transform(image if augment is None else augment(image, rng)))
         for obj in scene.objects:
             for name, values in ATTRIBUTES.items():
                 labels[name][i, obj.cell] = 1 + values.index(getattr(obj, name))
@@ -55,7 +59,7 @@ def cell_features(encoder: VisionEncoder, images: torch.Tensor) -> torch.Tensor:
 def warm_up_vision(encoder: VisionEncoder, transform, *, steps: int, lr: float, batch_size: int,
                    weight_decay: float, seed: int, autocast_dtype: torch.dtype | None = None,
                    channels_last: bool = True, device: torch.device | str = "cpu",
-                   show_progress: bool = True, say=print) -> dict[str, float]:
+                   show_progress: bool = True, say=print, augment=None) -> dict[str, float]:
     """Train `encoder` in place on per-cell scene attributes; returns the accuracies of the last 20 steps."""
     if steps <= 0:
         raise ValueError(f"vision warm-up needs steps > 0, got {steps}")
@@ -69,7 +73,7 @@ def warm_up_vision(encoder: VisionEncoder, transform, *, steps: int, lr: float, 
     recent: dict[str, list[float]] = {k: [] for k in ATTRIBUTES}
     bar = tqdm(range(steps), desc="vision warm-up", disable=not show_progress, dynamic_ncols=True)
     for step in bar:
-        images, labels = scene_batch(offset + step * batch_size, batch_size, seed, transform)
+        images, labels = scene_batch(offset + step * batch_size, batch_size, seed, transform, augment)
         images = images.to(device)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -7,11 +7,15 @@ on white, 16-bit and float images are scaled to 8 bits (not clipped), EXIF
 orientation is applied, and the pixel count is capped before decoding so a
 decompression bomb is refused from its header alone.
 
-`build_transform` resizes to exactly image_size x image_size (squash, no crop:
-the synthetic captions name positions, so nothing may be cut off or flipped)
-and normalises with timm's mean/std. It runs in data-loader workers for every
-sample, so it is a picklable object doing one PIL resize and one fused
-uint8 -> float multiply-add.
+`build_transform` fits the image into image_size x image_size keeping its aspect
+ratio: the longest side is resized to image_size and the shorter one is padded
+on both sides (centred) with the image's border colour, the median of its
+outermost pixel ring. Nothing is cropped, squashed or flipped (captions name
+positions, and a 4:3 photo of a scene is still the same scene); a square image
+is only resized. Then it normalises with timm's mean/std. Training and inference
+share this transform. It runs in data-loader workers for every sample, so it is
+a picklable object doing one PIL resize, one paste and one fused uint8 -> float
+multiply-add.
 """
 
 from __future__ import annotations
@@ -128,8 +132,16 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise ImageError(f"{source}: cannot decode ({type(e).__name__}: {e})") from e
 
 
+def border_colour(img: Image.Image) -> tuple[int, int, int]:
+    """The median RGB of the image's outermost ring of pixels: a scene's background colour."""
+    arr = np.asarray(img.convert("RGB"))
+    ring = np.concatenate([arr[0], arr[-1], arr[1:-1, 0], arr[1:-1, -1]])  # [perimeter, 3]
+    return tuple(int(v) for v in np.median(ring, axis=0))
+
+
 class ImageTransform:
-    """PIL image -> normalised float tensor [3, size, size]; picklable for data-loader workers."""
+    """PIL image -> normalised float tensor [3, size, size], aspect kept by border-colour padding;
+    picklable for data-loader workers."""
 
     def __init__(self, image_size: int, mean, std, interpolation: str = "bicubic"):
         if interpolation not in _RESAMPLE:
@@ -146,9 +158,16 @@ class ImageTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = to_rgb(img)
-        size = (self.image_size, self.image_size)
-        if img.size != size:
-            img = img.resize(size, _RESAMPLE[self.interpolation])
+        n = self.image_size
+        if img.size != (n, n):
+            scale = n / max(img.size)
+            fitted = (min(n, max(1, round(img.width * scale))), min(n, max(1, round(img.height * scale))))
+            resized = img.resize(fitted, _RESAMPLE[self.interpolation])
+            if fitted != (n, n):
+                square = Image.new("RGB", (n, n), border_colour(img))
+                square.paste(resized, ((n - fitted[0]) // 2, (n - fitted[1]) // 2))
+                resized = square
+            img = resized
         pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3], a writable copy
         out = torch.addcmul(self._shift, pixels, self._scale)  # [H, W, 3] float32
         return out.permute(2, 0, 1).contiguous()  # [3, H, W]

@@ -31,6 +31,7 @@ def test_folder_with_a_corrupt_file(trained_micro, tmp_path, capsys):
     assert rc == 1
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in lines) == ["alpha.png", "scene.png"]
     assert all(r["task"] == "describe" and isinstance(r["caption"], str) for r in lines)
+    assert all(0 <= r["confidence"] <= 1 and r["unfamiliar"] is False for r in lines)  # uncalibrated model
     assert "corrupt.jpg" in err and "1 failed" in err
 
 

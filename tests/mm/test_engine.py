@@ -107,7 +107,7 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_serves_on(random_ti
         def broken(*a, **k):
             raise RuntimeError("injected failure")
 
-        monkeypatch.setattr(engine.model, "encode_images", broken)
+        monkeypatch.setattr(engine.model, "encode", broken)
         with pytest.raises(RuntimeError, match="injected"):
             engine.submit(image, max_new_tokens=3).result(timeout=60)
         monkeypatch.undo()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vision.preprocess import ImageError, build_transform, load_image
+from vision.preprocess import ImageError, border_colour, build_transform, load_image
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -139,13 +139,22 @@ def test_transform_normalises_exactly_when_no_resize():
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5)
 
 
-def test_transform_squashes_to_size_and_is_deterministic():
-    img = Image.new("RGB", (60, 20), (255, 0, 0))
-    img.paste((0, 0, 255), (30, 0, 60, 20))
-    tf = build_transform(image_size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+def test_transform_keeps_aspect_by_padding_with_the_border_colour():
+    img = Image.new("RGB", (60, 20), (255, 255, 255))
+    img.paste((255, 0, 0), (25, 5, 35, 15))  # a 10x10 red square in the middle
+    tf = build_transform(image_size=32, mean=(0.0,) * 3, std=(1.0,) * 3)
     out = tf(img)
     assert out.shape == (3, 32, 32)
-    assert out[0, :, :14].min() > 0.9 and out[2, :, 18:].min() > 0.9  # squashed, nothing cropped
+    assert border_colour(img) == (255, 255, 255)
+    band = (out[1] < 0.5).nonzero()  # green channel: only the red square is dark
+    rows, cols = band[:, 0], band[:, 1]
+    height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+    assert abs(height - width) <= 1 and 4 <= width <= 7  # still square, 10 px * 32 / 60 ~ 5 px
+    assert out[:, :10].min() == 1.0 and out[:, 22:].min() == 1.0  # white padding above and below
+    assert 14 <= float(rows.float().mean()) <= 17 and 14 <= float(cols.float().mean()) <= 17  # centred
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    resized = np.asarray(square.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float32) / 255
+    torch.testing.assert_close(tf(square), torch.from_numpy(resized).permute(2, 0, 1))  # only resized
     assert torch.equal(out, tf(img))
     assert torch.equal(pickle.loads(pickle.dumps(tf))(img), out)  # works in spawned workers
     nearest = build_transform(dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3,

@@ -1,0 +1,87 @@
+"""How sure the captioner is of a caption, and whether an image looks like its training data.
+
+A caption's confidence in [0, 1] is the product of two terms:
+
+- the geometric mean of the probabilities the model gave the tokens it wrote
+  (`<eos>` included), exp(mean log p): low when the model hesitated between words;
+- the image's familiarity, from the Mahalanobis distance d of its mean-pooled encoder
+  features to those of the training images: sigmoid((radius - d) / softness). A model
+  can be sure of every token of a caption for an image it has never seen the like of (a
+  scene-trained model names shapes in a photograph of a cat with probability ~1), so the
+  token term alone cannot tell an out-of-world image; the feature distance can.
+
+`Calibration` holds the feature statistics and the threshold below which an image is
+reported as unfamiliar. `mm calibrate` (train/calibrate.py) fits it on training-like
+images and picks the threshold on held-out changed scenes against photographs; it is saved
+beside the weights as `calibration.safetensors`. A model without one (a fine-tuned
+export, whose encoder has moved) has familiarity 1 and flags nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FILE = "calibration.safetensors"
+
+
+def chosen_logprob(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under softmax(logits): logits [B, V], tokens [B] -> [B] fp32."""
+    return logits.float().log_softmax(-1).gather(-1, tokens[..., None])[..., 0]
+
+
+@dataclass
+class Calibration:
+    mean: torch.Tensor  # [C] mean pooled encoder feature of the fitting images
+    whiten: torch.Tensor  # [C, C]: ||(f - mean) @ whiten|| is the Mahalanobis distance
+    radius: float  # distance where familiarity is 0.5
+    softness: float  # its scale: familiarity falls from 0.73 to 0.27 over 2 softness
+    threshold: float  # confidence below this: the image is reported as unfamiliar
+    info: dict  # how it was fitted and what it scored (written to the file's metadata)
+
+    def distance(self, features: torch.Tensor) -> torch.Tensor:
+        """Encoder tokens [B, N, C] -> Mahalanobis distance [B] of their mean."""
+        d = features.float().mean(1) - self.mean.to(features.device)
+        return (d @ self.whiten.to(features.device)).norm(dim=-1)
+
+    def familiarity(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid((self.radius - self.distance(features)) / self.softness)
+
+    def save(self, folder: str | Path) -> None:
+        meta = {"radius": self.radius, "softness": self.softness, "threshold": self.threshold, "info": self.info}
+        save_file({"mean": self.mean.float().contiguous(), "whiten": self.whiten.float().contiguous()},
+                  str(Path(folder) / FILE), metadata={"calibration": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Calibration | None:
+        """The folder's calibration, or None when it has none."""
+        path = Path(folder) / FILE
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["calibration"])
+        t = load_file(str(path))
+        return cls(t["mean"], t["whiten"], float(meta["radius"]), float(meta["softness"]),
+                   float(meta["threshold"]), meta.get("info", {}))
+
+
+def fit(features: torch.Tensor, shrinkage: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features [n, C] -> (mean, whiten) of a Gaussian with the covariance shrunk toward
+    its average variance (a well-conditioned inverse from fewer samples than C^2)."""
+    x = features.double()
+    mean = x.mean(0)
+    cov = torch.cov((x - mean).T)
+    cov = (1 - shrinkage) * cov + shrinkage * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype)
+    whiten = torch.linalg.cholesky(torch.linalg.inv(cov))  # P = W W^T, so d^2 = ||x W||^2
+    return mean.float(), whiten.float()
+
+
+def confidence(mean_logprob: torch.Tensor, familiarity: torch.Tensor | None) -> torch.Tensor:
+    conf = mean_logprob.exp()
+    return conf if familiarity is None else conf * familiarity

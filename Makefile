@@ -48,6 +48,7 @@ default-model: $(STAMP)
 	  --data '$(SHAPES)/train-{000000..000199}.tar' --val '$(SHAPES)/val-{000000..000001}.tar' \
 	  --out runs/shapes-tiny-robust --export mm/default_model
 	cp runs/shapes-tiny/loss.png mm/default_model/loss.png
+	cp runs/shapes-tiny-robust/loss.png mm/default_model/loss_robust.png
 	$(BIN)/mm calibrate --checkpoint mm/default_model
 	$(BIN)/mm eval --checkpoint mm/default_model --data '$(SHAPES)/test-000000.tar' --changes \
 	  --out mm/default_model/eval.json

@@ -229,7 +229,7 @@ class Shell:
             stats = req.result().stats
         finally:
             req.cancel()  # a user who closed the page frees the row; no-op once finished
-        yield (text, stats_markdown(stats, time.perf_counter() - start, first, self.cap.threshold),
+        yield (text, stats_markdown(stats, time.perf_counter() - start, first, self.cap.threshold(task)),
                routing_figure(stats.expert_load))
 
     def caption(self, image, task="caption", mode="greedy", num_beams=4, temperature=0.7, top_p=1.0,
@@ -264,7 +264,7 @@ class Shell:
             result = req.result()
             row["caption"] = result.text
             row["confidence"] = round(result.stats.confidence[0], 4)
-            row["unfamiliar"] = self.cap.unfamiliar(result.stats.confidence[0])
+            row["unfamiliar"] = self.cap.unfamiliar(result.stats.confidence[0], task)
         tables = write_tables(rows, self._table_dir())
         table = [[r["file"], r["caption"], r["confidence"], r["unfamiliar"], r["error"]] for r in rows]
         summary = f"{len(pending)} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"

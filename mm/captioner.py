@@ -31,7 +31,7 @@ class CaptionResult:
     texts: list[str]
     stats: GenerationStats
     confidence: list[float] = field(default_factory=list)  # per image, in [0, 1] (mm/confidence.py)
-    unfamiliar: list[bool] = field(default_factory=list)  # per image: confidence below the model's threshold
+    unfamiliar: list[bool] = field(default_factory=list)  # per image: confidence below the task's threshold
 
 
 def _dtype(dtype) -> torch.dtype | None:
@@ -126,17 +126,17 @@ class Captioner:
                                   self.tokenizer.eos_id, self.decoder)
             texts += [self.tokenizer.decode(row).strip() for row in ids]
             total.add(stats)
-        return CaptionResult(texts, total, total.confidence, [self.unfamiliar(c) for c in total.confidence])
+        return CaptionResult(texts, total, total.confidence, [self.unfamiliar(c, task) for c in total.confidence])
 
-    @property
-    def threshold(self) -> float | None:
+    def threshold(self, task: str = "caption") -> float | None:
         """The calibrated confidence below which an image is reported as unlike the training data;
         None for a model without a calibration (`mm calibrate`)."""
         cal = self.model.calibration
-        return None if cal is None else cal.threshold
+        return None if cal is None else cal.threshold(task)
 
-    def unfamiliar(self, confidence: float) -> bool:
-        return self.threshold is not None and confidence < self.threshold
+    def unfamiliar(self, confidence: float, task: str = "caption") -> bool:
+        threshold = self.threshold(task)
+        return threshold is not None and confidence < threshold
 
     def caption(self, images, task: str = "caption", **options):
         """A caption (str) for one image, or a list of captions for a list of images."""

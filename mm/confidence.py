@@ -10,8 +10,9 @@ A caption's confidence in [0, 1] is the product of two terms:
   scene-trained model names shapes in a photograph of a cat with probability ~1), so the
   token term alone cannot tell an out-of-world image; the feature distance can.
 
-`Calibration` holds the feature statistics and the threshold below which an image is
-reported as unfamiliar. `mm calibrate` (train/calibrate.py) fits it on training-like
+`Calibration` holds the feature statistics and, per task, the threshold below which an
+image is reported as unfamiliar (tasks differ: a short Chinese caption has fewer
+near-certain tokens to average than a long English description). `mm calibrate` (train/calibrate.py) fits it on training-like
 images and picks the threshold on held-out changed scenes against photographs; it is saved
 beside the weights as `calibration.safetensors`. A model without one (a fine-tuned
 export, whose encoder has moved) has familiarity 1 and flags nothing.
@@ -40,8 +41,12 @@ class Calibration:
     whiten: torch.Tensor  # [C, C]: ||(f - mean) @ whiten|| is the Mahalanobis distance
     radius: float  # distance where familiarity is 0.5
     softness: float  # its scale: familiarity falls from 0.73 to 0.27 over 2 softness
-    threshold: float  # confidence below this: the image is reported as unfamiliar
+    thresholds: dict  # task -> confidence below which the image is reported as unfamiliar
     info: dict  # how it was fitted and what it scored (written to the file's metadata)
+
+    def threshold(self, task: str) -> float:
+        """The task's threshold; a task calibration did not see gets the most lenient one (0 if none)."""
+        return self.thresholds.get(task, min(self.thresholds.values(), default=0.0))
 
     def distance(self, features: torch.Tensor) -> torch.Tensor:
         """Encoder tokens [B, N, C] -> Mahalanobis distance [B] of their mean."""
@@ -52,7 +57,7 @@ class Calibration:
         return torch.sigmoid((self.radius - self.distance(features)) / self.softness)
 
     def save(self, folder: str | Path) -> None:
-        meta = {"radius": self.radius, "softness": self.softness, "threshold": self.threshold, "info": self.info}
+        meta = {"radius": self.radius, "softness": self.softness, "thresholds": self.thresholds, "info": self.info}
         save_file({"mean": self.mean.float().contiguous(), "whiten": self.whiten.float().contiguous()},
                   str(Path(folder) / FILE), metadata={"calibration": json.dumps(meta)})
 
@@ -68,7 +73,7 @@ class Calibration:
             meta = json.loads(f.metadata()["calibration"])
         t = load_file(str(path))
         return cls(t["mean"], t["whiten"], float(meta["radius"]), float(meta["softness"]),
-                   float(meta["threshold"]), meta.get("info", {}))
+                   {k: float(v) for k, v in meta["thresholds"].items()}, meta.get("info", {}))
 
 
 def fit(features: torch.Tensor, shrinkage: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:

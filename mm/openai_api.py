@@ -166,7 +166,7 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
         prompt_tokens = len(engine.prefix[task])
         cid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if stream:
-            return StreamingResponse(_events(req, cid, now, model_id, prompt_tokens, include_usage, engine),
+            return StreamingResponse(_events(req, cid, now, model_id, prompt_tokens, include_usage, engine, task),
                                      media_type="text/event-stream")
         try:
             res = await run_in_threadpool(req.result)
@@ -174,7 +174,7 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
             return APIError(500, f"captioning failed: {e}", kind="server_error").response()
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
-                             "finish_reason": _finish(res, engine.tok.eos_id), **_judgement(res, engine)}],
+                             "finish_reason": _finish(res, engine.tok.eos_id), **_judgement(res, engine, task)}],
                 "usage": _usage(prompt_tokens, res)}
 
     return api
@@ -184,10 +184,9 @@ def _finish(res, eos_id: int) -> str:
     return "stop" if res.tokens and res.tokens[-1] == eos_id else "length"
 
 
-def _judgement(res, engine: Engine) -> dict:
+def _judgement(res, engine: Engine, task: str) -> dict:
     conf = res.stats.confidence[0]
-    cal = engine.model.calibration
-    return {"confidence": round(conf, 4), "unfamiliar": cal is not None and conf < cal.threshold}
+    return {"confidence": round(conf, 4), "unfamiliar": engine.cap.unfamiliar(conf, task)}
 
 
 def _usage(prompt_tokens: int, res) -> dict:
@@ -195,7 +194,8 @@ def _usage(prompt_tokens: int, res) -> dict:
             "total_tokens": prompt_tokens + len(res.tokens)}
 
 
-def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, include_usage: bool, engine: Engine):
+def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, include_usage: bool, engine: Engine,
+            task: str):
     """Server-sent events in the chunk format; a client that goes away cancels the request."""
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, extra: dict | None = None) -> str:
@@ -211,7 +211,7 @@ def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, incl
             yield chunk({"content": piece})
         res = req.result()
         yield chunk({}, _finish(res, engine.tok.eos_id), _usage(prompt_tokens, res) if include_usage else None,
-                    _judgement(res, engine))
+                    _judgement(res, engine, task))
     except Exception as e:
         err = {"error": {"message": f"captioning failed: {e}", "type": "server_error", "param": None, "code": None}}
         yield f"data: {json.dumps(err)}\n\n"

@@ -209,7 +209,7 @@ def test_batch_tab_captions_each_file_and_reports_broken_ones(tiny, files):
     assert rows[0][1] == cap.caption(files["scene"], task="caption_zh", **AS_APP)
     assert rows[1][1] == "" and "not a readable image" in rows[1][4]
     assert rows[0][2] == round(cap.run(files["scene"], task="caption_zh", **AS_APP).confidence[0], 4)
-    assert rows[0][3] is cap.unfamiliar(rows[0][2]) is False
+    assert rows[0][3] is cap.unfamiliar(rows[0][2], "caption_zh") is False
     assert "2 of 3" in summary
     with open(csv_path, encoding="utf-8") as f:
         from_csv = list(csv.DictReader(f))

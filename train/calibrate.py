@@ -3,9 +3,9 @@
 1. Fit: the mean-pooled encoder features of `--fit` training-like images, each drawn
    through the training augmentation (train/augment.py), give the Gaussian whose
    Mahalanobis distance scores familiarity (mm/confidence.py).
-2. Threshold: held-out images, each under every change evaluation reports (CHANGES:
-   JPEG, rescale, noise, shift, canvas), are captioned; the threshold is the
-   `--max-flagged` quantile of their confidences, so that share of ordinary, changed
+2. Thresholds: held-out images, each under every change evaluation reports (CHANGES:
+   JPEG, rescale, noise, shift, canvas), are captioned with every task; a task's threshold
+   is the `--max-flagged` quantile of its confidences, so that share of ordinary, changed
    in-world images is flagged and no more.
 3. Check: photographs and other non-scene images found offline in installed packages
    (scikit-image's sample data, matplotlib's and gradio's bundled pictures), each whole
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser):
                                               "samples fit, the next --held-out choose the threshold)")
     p.add_argument("--fit", type=int, default=4096, help="augmented images the feature statistics are fitted on")
     p.add_argument("--held-out", type=int, default=200, help="images scored under every change for the threshold")
-    p.add_argument("--tasks", nargs="+", default=["caption", "describe"], help="tasks whose captions are scored")
+    p.add_argument("--tasks", nargs="+", default=None, help="tasks to calibrate (default: all the model knows)")
     p.add_argument("--max-flagged", type=float, default=0.005,
                    help="share of held-out changed images allowed below the threshold")
     p.add_argument("--crops", type=int, default=5, help="random crops of each offline picture, besides the whole")
@@ -119,13 +119,14 @@ def pooled_features(cap, images: list[Image.Image], batch_size: int) -> torch.Te
     return torch.cat(feats)  # [n, N, C]
 
 
-def confidences(cap, images: list[Image.Image], tasks: list[str], batch_size: int, desc: str) -> np.ndarray:
-    """[len(tasks) * len(images)] confidences (the captions themselves are not needed here)."""
-    out = []
+def confidences(cap, images: list[Image.Image], tasks: list[str], batch_size: int, desc: str) -> dict:
+    """{task: confidences [len(images)]} (the captions themselves are not needed here)."""
+    out = {}
     for task in tasks:
+        out[task] = []
         for i in tqdm(range(0, len(images), batch_size), desc=f"{desc} {task}", file=sys.stderr, leave=False):
-            out += cap.run(images[i : i + batch_size], task=task, speculative=False).confidence
-    return np.asarray(out)
+            out[task] += cap.run(images[i : i + batch_size], task=task, speculative=False).confidence
+    return {task: np.asarray(v) for task, v in out.items()}
 
 
 def calibrate(cap, args, say=print):
@@ -141,28 +142,37 @@ def calibrate(cap, args, say=print):
     mean, whiten = fit(feats.mean(1))
     held = in_world(args, args.fit, args.held_out, "val")
     changed = {name: [change(im) for im in held] for name, change in CHANGES.items()}
-    probe = Calibration(mean, whiten, radius=0.0, softness=1.0, threshold=0.0, info={})
+    probe = Calibration(mean, whiten, radius=0.0, softness=1.0, thresholds={}, info={})
     dist = torch.cat([probe.distance(pooled_features(cap, ims, args.batch_size)) for ims in changed.values()])
-    radius = 1.25 * float(dist.quantile(0.999))  # familiarity ~1 over the changed in-world images
-    cap.model.calibration = Calibration(mean, whiten, radius, radius / 10, threshold=0.0, info={})
+    # familiarity ~1 over the changed in-world images; 1.5 (and softness radius / 10) flagged the most
+    # photographs at the same share of flagged scenes among the rules tried on half the photo sources
+    radius = 1.5 * float(dist.quantile(0.999))
+    cap.model.calibration = Calibration(mean, whiten, radius, radius / 10, thresholds={}, info={})
     scene_conf = {name: confidences(cap, ims, args.tasks, args.batch_size, name) for name, ims in changed.items()}
-    threshold = float(np.quantile(np.concatenate(list(scene_conf.values())), args.max_flagged))
+    # "lower": a value of the sample, so at most max_flagged of it lies strictly below
+    thresholds = {t: float(np.quantile(np.concatenate([c[t] for c in scene_conf.values()]), args.max_flagged,
+                                       method="lower")) for t in args.tasks}
     pictures = offline_pictures()
     flagged, counts = {"photo": [], "graphic": []}, {"photo": 0, "graphic": 0}
     for name, kind, img in tqdm(pictures, desc="offline pictures", file=sys.stderr, leave=False):
         conf = confidences(cap, views(img, args.crops, rng), args.tasks, args.batch_size, name)
-        flagged[kind] += (conf < threshold).tolist()
+        flagged[kind] += [bool(c < thresholds[t]) for t, v in conf.items() for c in v]
         counts[kind] += 1
+
+    def share(conf: dict) -> float:
+        return float(np.mean([c < thresholds[t] for t, v in conf.items() for c in v]))
+
     info = {
         "fit_images": args.fit, "held_out_images": args.held_out, "tasks": args.tasks, "data": args.data or "scenes",
         "max_flagged": args.max_flagged,
-        "held_out_flagged": {k: float((v < threshold).mean()) for k, v in scene_conf.items()},
+        "held_out_flagged": {k: share(v) for k, v in scene_conf.items()},
         "pictures": {k: {"sources": counts[k], "images": len(v) // len(args.tasks),
                          "flagged": float(np.mean(v)) if v else None} for k, v in flagged.items()},
     }
-    cal = Calibration(mean, whiten, radius, radius / 10, threshold, info)
+    cal = Calibration(mean, whiten, radius, radius / 10, thresholds, info)
     cap.model.calibration = cal
-    say(f"threshold {threshold:.4f} (radius {radius:.2f}); held-out in-world images flagged per change: "
+    say("thresholds " + ", ".join(f"{t} {v:.4f}" for t, v in thresholds.items()) + f" (radius {radius:.2f}); "
+        "held-out in-world images flagged per change: "
         + ", ".join(f"{k} {v:.3f}" for k, v in info["held_out_flagged"].items()))
     for kind, v in info["pictures"].items():
         if v["flagged"] is not None:
@@ -179,6 +189,7 @@ def run(args) -> int:
             raise ValueError("need --fit >= 64, --held-out >= 1, --crops >= 0 and 0 <= --max-flagged < 1")
         cap = Captioner.from_pretrained(args.checkpoint, batch_size=args.batch_size)  # as users load it
         cap.model.calibration = None  # a stale one must not shape the new fit
+        args.tasks = args.tasks or cap.tasks
         for t in args.tasks:
             cap.model.cfg.prompt(t)
     except ValueError as e:

@@ -96,7 +96,7 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
         if task in SCENE_TASKS and all(r["scene"] for r in rows):  # the grammar's tasks parse back
             scores["attributes"] = scene_attribute_accuracy(preds, [r["scene"] for r in rows], task)
         scores["n"] = len(rows)
-        scores["confidence"] = confidence_summary(cap, confidence)
+        scores["confidence"] = confidence_summary(cap, confidence, task)
         if stats is not None:
             scores["mtp_acceptance"] = stats.acceptance
             scores["draft_tokens"] = GenerationConfig().drafts(cap.model)
@@ -126,14 +126,14 @@ def _caption(cap, images, task: str, batch_size: int, routing=None, desc: str = 
     return texts, confidence
 
 
-def confidence_summary(cap, confidence: list[float]) -> dict:
-    """Quantiles of the confidences and the share below the model's threshold."""
+def confidence_summary(cap, confidence: list[float], task: str) -> dict:
+    """Quantiles of the confidences and the share below the task's threshold."""
     import numpy as np
 
     q = np.quantile(np.asarray(confidence), [0.0, 0.01, 0.05, 0.5]).round(4).tolist()
     out = dict(zip(("min", "p01", "p05", "median"), q))
-    out["unfamiliar"] = (sum(cap.unfamiliar(c) for c in confidence) / len(confidence)
-                         if cap.threshold is not None else None)
+    out["unfamiliar"] = (sum(cap.unfamiliar(c, task) for c in confidence) / len(confidence)
+                         if cap.threshold(task) is not None else None)
     return out
 
 
@@ -149,7 +149,8 @@ def evaluate_changes(cap, samples: list[dict], tasks: list[str], changes: list[s
             keep = [i for i, s in enumerate(samples) if task in s["texts"]]
             preds, confidence = _caption(cap, [images[i] for i in keep], task, batch_size, desc=f"{name} {task}")
             exact = sum(p == samples[i]["texts"][task] for p, i in zip(preds, keep)) / max(1, len(keep))
-            out[name][task] = {"exact_match": exact, "n": len(keep), "confidence": confidence_summary(cap, confidence)}
+            out[name][task] = {"exact_match": exact, "n": len(keep),
+                               "confidence": confidence_summary(cap, confidence, task)}
     return out
 
 

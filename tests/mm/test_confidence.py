@@ -52,7 +52,9 @@ def test_calibration_fits_distances_and_round_trips(tmp_path):
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(4000, 16, generator=g) * torch.linspace(0.5, 3, 16) + 2.0
     mean, whiten = fit(feats, shrinkage=0.0)
-    cal = Calibration(mean, whiten, radius=8.0, softness=0.6, threshold=0.5, info={"n": 4000})
+    cal = Calibration(mean, whiten, radius=8.0, softness=0.6, thresholds={"caption": 0.5, "describe": 0.4},
+                      info={"n": 4000})
+    assert cal.threshold("describe") == 0.4 and cal.threshold("new_task") == 0.4  # unseen: the most lenient
     inside = cal.distance(feats[:500, None])  # [B, N=1, C]
     assert 3.3 < inside.mean() < 4.7  # a 16-d standard normal's length is ~4
     far = cal.distance((feats[:10] + 30.0)[:, None])
@@ -62,7 +64,7 @@ def test_calibration_fits_distances_and_round_trips(tmp_path):
     cal.save(tmp_path)
     back = Calibration.load(tmp_path)
     assert torch.equal(back.mean, cal.mean) and torch.equal(back.whiten, cal.whiten)
-    assert (back.radius, back.softness, back.threshold, back.info) == (8.0, 0.6, 0.5, {"n": 4000})
+    assert (back.radius, back.softness, back.thresholds, back.info) == (8.0, 0.6, cal.thresholds, {"n": 4000})
     assert Calibration.load(tmp_path / "missing") is None
 
 
@@ -70,14 +72,14 @@ def test_a_calibrated_checkpoint_flags_unfamiliar_images(cap, tmp_path):
     model = cap.model
     feats = model.vision(cap._pixels(_scenes(64, 100))).float().mean(1)
     mean, whiten = fit(feats)
-    model.calibration = Calibration(mean, whiten, radius=100.0, softness=10.0, threshold=0.5, info={})
+    model.calibration = Calibration(mean, whiten, radius=100.0, softness=10.0, thresholds={"caption": 0.5}, info={})
     try:
         save_checkpoint(tmp_path / "ckpt", model, cap.tokenizer)
     finally:
         model.calibration = None
     assert (tmp_path / "ckpt" / "calibration.safetensors").is_file()
     calibrated = Captioner.from_pretrained(tmp_path / "ckpt")
-    assert calibrated.threshold == 0.5
+    assert calibrated.threshold("caption") == 0.5
     res = calibrated.run(_scenes(2))
     assert res.unfamiliar == [False, False] and all(c > 0.9 for c in res.confidence)
     # far from every fitted scene: an image of pure noise
@@ -86,7 +88,7 @@ def test_a_calibrated_checkpoint_flags_unfamiliar_images(cap, tmp_path):
 
     odd = calibrated.run(Image.fromarray(noise.numpy()))
     assert odd.unfamiliar == [True] and odd.confidence[0] < 0.5
-    assert cap.threshold is None and cap.run(_scenes(1)).unfamiliar == [False]  # uncalibrated: nothing flagged
+    assert cap.threshold() is None and cap.run(_scenes(1)).unfamiliar == [False]  # uncalibrated: nothing flagged
     (tmp_path / "ckpt" / "calibration.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match="calibration.safetensors"):
         load_checkpoint(tmp_path / "ckpt")

@@ -32,9 +32,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mm.config import DEFAULT_TASKS  # noqa: E402
-from train import scenes  # noqa: E402
-from train.data import make_loader  # noqa: E402
-from train.shards import write_synthetic  # noqa: E402
+from train.data import scenes  # noqa: E402
+from train.data.reader import make_loader  # noqa: E402
+from train.data.shards import write_synthetic  # noqa: E402
 
 IMAGE_TOKENS = 16  # the CPU recipe's pooled 4x4 map (NOTES.md)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)

@@ -22,7 +22,7 @@ import torch
 from mm.config import preset
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
-from train.scenes import render, sample_rng, sample_scene, texts
+from train.data.scenes import render, sample_rng, sample_scene, texts
 from vision.preprocess import build_transform
 
 TASKS = ["caption", "describe", "caption_zh", "describe_zh"]

@@ -11,7 +11,7 @@ A caption's confidence in [0, 1] is the product of two terms:
   token term alone cannot tell an out-of-world image; the feature distance can.
 
 `Calibration` holds the feature statistics and the threshold below which an image is
-reported as unfamiliar. `mm calibrate` (train/calibrate.py) fits it on training-like
+reported as unfamiliar. `mm calibrate` (train/eval/calibrate.py) fits it on training-like
 images and picks the threshold on held-out changed scenes against photographs; it is saved
 beside the weights as `calibration.safetensors`. A model without one (a fine-tuned
 export, whose encoder has moved) has familiarity 1 and flags nothing.

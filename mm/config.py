@@ -17,6 +17,7 @@ DEFAULT_TASKS = {
     "caption_zh": "标题：",
     "describe_zh": "描述：",
 }
+TASKS = tuple(DEFAULT_TASKS)  # the task list, defined here once: readers, scenes and the trainer use it
 
 
 @dataclass

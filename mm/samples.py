@@ -25,9 +25,12 @@ import webdataset as wds
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from mm.config import TASKS
 from vision.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp") + tuple(e for e in IMAGE_EXTENSIONS if e not in ("jpg", "jpeg", "png", "webp"))
+__all__ = ["IMAGE_KEYS", "REASONS", "TASKS", "BadSample", "DataErrors", "expand_urls", "sample_image",
+           "sample_json", "sample_texts", "shard_samples"]
 REASONS = ("bad_shard", "bad_json", "bad_text", "missing_text", "missing_image", "bad_image", "missing_task",
            "too_long")
 

@@ -113,16 +113,14 @@ def _is_captioner(path: Path) -> bool:
 
 
 def set_mtp_depths(model, depths: int):
-    """A new model config with lm.mtp_depths = depths, given to the model and its LM."""
+    """A new model config with lm.mtp_depths = depths (the model hands it to its LM, the config's owner)."""
     if not model.cfg.lm.num_nextn_predict_layers:
         raise ValueError("--mtp-depths: the model has no MTP module (num_nextn_predict_layers is 0)")
-    lm_cfg = model.cfg.lm.replace(mtp_depths=depths)  # validates
-    model.cfg = model.cfg.replace(lm=lm_cfg)
-    model.lm.cfg = lm_cfg
+    model.cfg = model.cfg.replace(lm=model.cfg.lm.replace(mtp_depths=depths))  # validates
 
 
 def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int, lora=None):
-    """What trains; in the lora stage the adapters, added later (train.trainer.prepare), train too."""
+    """What trains; in the lora stage the adapters, added later (train.build.prepare), train too."""
     if stage == "mtp" and not (len(model.lm.mtp) and model.cfg.lm.mtp_lambda > 0):
         raise ValueError("--stage mtp: the model has no MTP module to train (num_nextn_predict_layers "
                          f"{model.cfg.lm.num_nextn_predict_layers}, mtp_lambda {model.cfg.lm.mtp_lambda})")

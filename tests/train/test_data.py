@@ -12,9 +12,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from train import shards
-from train.data import DataErrors, dataset_size, make_loader
-from train.scenes import TASKS
+from train.data import shards
+from train.data.reader import DataErrors, dataset_size, make_loader
+from train.data.scenes import TASKS
 
 
 def _transform(pil):

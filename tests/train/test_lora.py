@@ -15,8 +15,8 @@ from mm.model import CaptionModel
 from train import fp8
 from train import lora as L
 from train.config import LoRAConfig, TrainConfig, load_train_config
+from train.data.scenes import render, sample_rng, sample_scene
 from train.lora_files import load_adapters, save_adapters
-from train.scenes import render, sample_rng, sample_scene
 from vision.preprocess import build_transform
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for conftest helpers

@@ -1,7 +1,7 @@
 """`mm calibrate`: fit a checkpoint's image-familiarity statistics and its confidence threshold.
 
 1. Fit: the mean-pooled encoder features of `--fit` training-like images, each drawn
-   through the training augmentation (train/augment.py), give the Gaussian whose
+   through the training augmentation (train/data/augment.py), give the Gaussian whose
    Mahalanobis distance scores familiarity (mm/confidence.py).
 2. Threshold: held-out images, each under every change evaluation reports (CHANGES:
    JPEG, rescale, noise, shift, canvas), are captioned; the threshold is the
@@ -101,13 +101,13 @@ def views(img: Image.Image, crops: int, rng: random.Random) -> list[Image.Image]
 def in_world(args, start: int, n: int, split: str) -> list[Image.Image]:
     """n in-world images: shard samples start..start+n-1, or synthetic scenes of `split`."""
     if args.data:
-        from train.evaluate import read_samples
+        from train.eval.scorer import read_samples
 
         samples = read_samples(args.data, start + n)[start:]
         if len(samples) < n:
             raise ValueError(f"{args.data} holds {start + len(samples)} usable samples; calibration needs {start + n}")
         return [s["image"] for s in samples]
-    from train.scenes import render, sample_rng, sample_scene
+    from train.data.scenes import render, sample_rng, sample_scene
 
     return [render(sample_scene(sample_rng(split, args.seed, start + i))) for i in range(n)]
 
@@ -131,8 +131,8 @@ def confidences(cap, images: list[Image.Image], tasks: list[str], batch_size: in
 def calibrate(cap, args, say=print):
     """Fit, threshold and check (module docstring); returns the Calibration, already set on cap.model."""
     from mm.confidence import Calibration, fit
-    from train.augment import CHANGES, Augment
     from train.config import AugmentConfig
+    from train.data.augment import CHANGES, Augment
 
     rng = random.Random(args.seed)
     augment = Augment(AugmentConfig(enabled=True))

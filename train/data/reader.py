@@ -38,8 +38,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import get_worker_info
 
-from mm.samples import BadSample, DataErrors, expand_urls, sample_image, sample_texts, shard_samples
-from train.scenes import TASKS
+from lm.loss import IGNORE_INDEX
+from mm.samples import TASKS, BadSample, DataErrors, expand_urls, sample_image, sample_texts, shard_samples
 
 __all__ = ["DataErrors", "Loader", "check_shards", "dataset_size", "expand_urls", "make_loader"]
 
@@ -211,7 +211,7 @@ class _Batch:
         lengths = [len(it["input_ids"]) for it in items]
         T = max(lengths) if self.pad_to is None else max(self._limit(it["task"]) for it in items)
         input_ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(items), T), -100, dtype=torch.long)
+        labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(items), T), dtype=torch.long)
         for i, (it, n) in enumerate(zip(items, lengths)):
             input_ids[i, :n] = torch.tensor(it["input_ids"], dtype=torch.long)
@@ -325,7 +325,7 @@ def make_loader(urls: str | list[str], *, encode: Encode, image_transform: Calla
     """Build the reader. `shuffle` is the sample buffer size (<= 1 reads in order: no shard or sample
     shuffle). With `resampled`, an epoch is `samples_per_epoch` (default: sizes.json) samples over all
     ranks; unknown, the stream never ends. `pad_to` fixes T per task (dict) or for all (int).
-    `augment(pil, rng)` (train/augment.py) changes each image before `image_transform`."""
+    `augment(pil, rng)` (train/data/augment.py) changes each image before `image_transform`."""
     shards = expand_urls(urls)
     rank, world_size = _rank_world(rank, world_size)
     tasks = tuple(tasks) if tasks else TASKS

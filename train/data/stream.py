@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import Counter
 
 from mm.samples import BadSample, DataErrors, expand_urls, sample_texts, shard_samples
-from train.augment import Augment
 from train.config import TrainConfig
-from train.data import dataset_size, make_loader
+from train.data.augment import Augment
+from train.data.reader import dataset_size, make_loader
 
 
 def read_texts(urls: str, tasks: list[str], limit: int, errors: DataErrors | None = None) -> list[str]:

@@ -20,7 +20,7 @@ from train.checkpoints import resume_candidates
 from train.config import TrainConfig
 from train.data.augment import Augment
 from train.data.reader import check_shards
-from train.data.stream import DataStream, read_texts, split_urls
+from train.data.stream import DataStream, read_texts
 from train.parallel import dist as D
 from vision.preprocess import build_transform
 
@@ -31,7 +31,7 @@ def check_runnable(cfg: TrainConfig) -> None:
         raise ConfigError("data.train is empty: give the training shards (e.g. 'data/train-{000000..000009}.tar')")
     for name in ("train", "val") if cfg.data.val else ("train",):
         try:
-            check_shards(expand_urls(split_urls(getattr(cfg.data, name))))
+            check_shards(expand_urls(getattr(cfg.data, name)))
         except (ValueError, FileNotFoundError) as e:
             raise ConfigError(f"data.{name}: {e}") from e
     if cfg.tokenizer and not Path(cfg.tokenizer).exists():

@@ -220,10 +220,8 @@ class TrainConfig(ConfigBase):
     tensorboard: bool = False
 
     @property
-    def autocast_dtype(self):
-        """What `precision` autocasts to: None for fp32; FP8's non-FP8 operations run in bf16."""
+    def autocast_dtype(self):  # what `precision` autocasts to: None for fp32; FP8's other operations run in bf16
         import torch
-
         return None if self.precision == "fp32" else torch.bfloat16
 
     def __post_init__(self):
@@ -256,16 +254,6 @@ class TrainConfig(ConfigBase):
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1", self.max_bad_steps),
             (bool(self.out_dir), "out_dir must not be empty", self.out_dir),
         ])
-
-
-def with_tasks(model: MMConfig, add: dict) -> MMConfig:
-    """The model config with the prompts of `add_tasks`; a task it already has keeps its prompt, or
-    must be given the same one."""
-    clash = {k: (model.tasks[k], v) for k, v in add.items() if k in model.tasks and model.tasks[k] != v}
-    if clash:
-        raise ConfigError(f"add_tasks: {sorted(clash)} already have other prompts in the model "
-                          f"(model, add_tasks): {clash}")
-    return model.replace(tasks={**model.tasks, **add}) if add else model
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -143,9 +143,9 @@ def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int, lora=Non
 
 
 def run(args) -> int:
-    from lm.config import CheckpointError, ConfigError
-    from train.config import load_train_config, with_tasks
-    from train.trainer import TrainingStopped, train
+    from lm.config import ConfigError
+    from train.cli import run_training
+    from train.config import load_train_config
 
     overrides = list(args.overrides) + [f"--data.train={args.data}", f"--out_dir={args.out}"]
     if args.val:
@@ -156,7 +156,7 @@ def run(args) -> int:
         if args.mtp_depths:
             set_mtp_depths(model, args.mtp_depths)
         cfg = load_train_config(args.config, overrides)
-        model.cfg = with_tasks(model.cfg, cfg.add_tasks)
+        model.cfg = model.cfg.with_tasks(cfg.add_tasks)
         cfg = lora_options(cfg.replace(model=model.cfg), stage, args)
         if cfg.vision_warmup.steps:  # it is for encoders trained from scratch; it would overwrite these
             print("mm finetune: vision_warmup is skipped when fine-tuning", file=sys.stderr)
@@ -165,17 +165,8 @@ def run(args) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mm finetune: {e}", file=sys.stderr)
         return 2
-    try:
-        path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export,
-                     save_adapters=args.save_adapters)
-    except (ConfigError, CheckpointError) as e:  # found before the first step: shards, resume checkpoint
-        print(f"mm finetune: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"mm finetune: {e}", file=sys.stderr)
-        return 1
-    print(f"final checkpoint: {path}", file=sys.stderr)
-    return 0
+    return run_training("finetune", cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export,
+                        save_adapters=args.save_adapters)
 
 
 def lora_options(cfg, stage: str, args):

@@ -1,11 +1,7 @@
-"""The run state: what a training checkpoint saves besides weights, optimiser and RNG, and
-what the loop updates after every step. One typed record, built fresh, counted, saved and
-restored here only.
-
-`log_window` holds the steps since the last log record, so a resumed run's first record
-averages the same steps as an uninterrupted run's. Its throughput counts are the process's
-own, so a restored window restarts them at zero.
-"""
+"""The run state: what the loop updates after every step and a checkpoint saves besides weights,
+optimiser and RNG; built, counted, saved and restored here only. `log_window` holds the steps
+since the last log record, so a resumed run's first record averages the same steps as an
+uninterrupted run's (its throughput counts, this process's own, restart at zero)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from train.build import (
     stream_opener,
 )
 from train.checkpoints import export_model, latest_checkpoint, load_train_state, resume_from, save
-from train.config import TrainConfig, with_tasks
+from train.config import TrainConfig
 from train.optim import build_optimizer
 from train.parallel import dist as D
 from train.parallel.data_parallel import DataParallel
@@ -139,7 +139,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     """Run (or continue) a training run; returns the final checkpoint directory. `export` writes a
     bf16 Captioner (adapters merged), `save_adapters` the LoRA adapters alone."""
     check_runnable(cfg)
-    cfg = cfg.replace(model=with_tasks(cfg.model, cfg.add_tasks))  # the prompts of new tasks
+    cfg = cfg.replace(model=cfg.model.with_tasks(cfg.add_tasks))  # the prompts of new tasks
     if cfg.pipeline.stages > 1:
         from train.parallel.pipeline import check_supported
 

@@ -1,5 +1,1 @@
-"""Evaluation of a trained captioner (the training loop's validation loss is train/trainer.py's).
-
-`scorer.py` `mm eval` (caption scores per task, under image changes too), `caption_metrics.py`
-BLEU/ROUGE-L/CIDEr, exact match and scene attribute accuracy, `calibrate.py` `mm calibrate`.
-"""
+"""Evaluation of a trained captioner: `mm eval` (scorer), caption metrics, `mm calibrate`."""

@@ -121,11 +121,9 @@ def pooled_features(cap, images: list[Image.Image], batch_size: int) -> torch.Te
 
 def confidences(cap, images: list[Image.Image], tasks: list[str], batch_size: int, desc: str) -> np.ndarray:
     """[len(tasks) * len(images)] confidences (the captions themselves are not needed here)."""
-    out = []
-    for task in tasks:
-        for i in tqdm(range(0, len(images), batch_size), desc=f"{desc} {task}", file=sys.stderr, leave=False):
-            out += cap.run(images[i : i + batch_size], task=task, speculative=False).confidence
-    return np.asarray(out)
+    from train.eval.scorer import caption_batches
+
+    return np.concatenate([caption_batches(cap, images, t, batch_size, desc=f"{desc} {t}")[1] for t in tasks])
 
 
 def calibrate(cap, args, say=print):

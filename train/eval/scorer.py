@@ -15,20 +15,12 @@ import argparse
 import json
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mm.samples import (
-    TASKS,
-    BadSample,
-    DataErrors,
-    expand_urls,
-    sample_image,
-    sample_json,
-    sample_texts,
-    shard_samples,
-)
+from mm.samples import TASKS, DataErrors, good_samples, sample_image, sample_json, sample_texts
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -51,23 +43,13 @@ def read_samples(urls: str, limit: int = 0, tasks: list[str] | None = None,
                  errors: DataErrors | None = None) -> list[dict]:
     """Decoded samples: {'key', 'image' (PIL), 'texts' {task: text}, 'scene' (dict or None)}, read by the
     same skip-and-count rules as training (`mm/samples.py`); what is skipped is counted in `errors`."""
-    from train.data.stream import split_urls
 
-    errors = DataErrors() if errors is None else errors
-    out = []
-    for url in expand_urls(split_urls(urls)):
-        for s in shard_samples(url, errors):
-            try:
-                meta = sample_json(s)
-                texts = sample_texts(s, tasks or TASKS, meta)
-                image = sample_image(s)
-            except BadSample as e:
-                errors.add(e.reason, url, s.get("__key__", "?"), e.detail)
-                continue
-            out.append({"key": s["__key__"], "image": image, "texts": texts, "scene": meta.get("scene")})
-            if limit and len(out) >= limit:
-                return out
-    return out
+    def parse(s: dict) -> dict:
+        meta = sample_json(s)
+        texts = sample_texts(s, tasks or TASKS, meta)
+        return {"key": s["__key__"], "image": sample_image(s), "texts": texts, "scene": meta.get("scene")}
+
+    return list(islice(good_samples(urls, DataErrors() if errors is None else errors, parse), limit or None))
 
 
 def score_captions(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, spec_samples: int = 100) -> dict:
@@ -85,7 +67,7 @@ def score_captions(cap, samples: list[dict], tasks: list[str], batch_size: int =
         if not rows:
             continue
         t0, stats = time.perf_counter(), None
-        preds, confidence = _caption(cap, [r["image"] for r in rows], task, batch_size, routing)
+        preds, confidence = caption_batches(cap, [r["image"] for r in rows], task, batch_size, routing)
         if spec_samples:
             spec = cap.run([r["image"] for r in rows[:spec_samples]], task=task, speculative=True)
             stats = spec.stats
@@ -113,8 +95,8 @@ def score_captions(cap, samples: list[dict], tasks: list[str], batch_size: int =
     return results
 
 
-def _caption(cap, images, task: str, batch_size: int, routing=None, desc: str = "") -> tuple[list, list]:
-    """Greedy captions and their confidences, in batches."""
+def caption_batches(cap, images, task: str, batch_size: int, routing=None, desc: str = "") -> tuple[list, list]:
+    """Greedy captions and their confidences, in batches (`routing` gathers the expert load)."""
     texts, confidence = [], []
     for i in tqdm(range(0, len(images), batch_size), desc=f"eval {desc or task}", file=sys.stderr, leave=False):
         res = cap.run(images[i : i + batch_size], task=task, speculative=False)
@@ -146,7 +128,7 @@ def score_changes(cap, samples: list[dict], tasks: list[str], changes: list[str]
         out[name] = {}
         for task in tasks:
             keep = [i for i, s in enumerate(samples) if task in s["texts"]]
-            preds, confidence = _caption(cap, [images[i] for i in keep], task, batch_size, desc=f"{name} {task}")
+            preds, confidence = caption_batches(cap, [images[i] for i in keep], task, batch_size, desc=f"{name} {task}")
             exact = sum(p == samples[i]["texts"][task] for p, i in zip(preds, keep)) / max(1, len(keep))
             out[name][task] = {"exact_match": exact, "n": len(keep), "confidence": confidence_summary(cap, confidence)}
     return out

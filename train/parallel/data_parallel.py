@@ -1,16 +1,11 @@
-"""Data parallelism for the one training loop: a single process, DDP, or FSDP2.
+"""Data parallelism for the one training loop: a single process, DDP, or FSDP2 (train/parallel/dist.py
+wraps the model). The loop runs the wrapped `model`; the optimiser, router-bias step and checkpoints
+see the unwrapped `parts`. Under FSDP2 a checkpoint gathers the full state to CPU (every rank calls it).
 
-The model is wrapped by train/parallel/dist.py (nothing happens in a single process); the
-loop runs the wrapped `model` forward and backward, and sees the unwrapped `parts` for the
-optimiser, the router-bias step and checkpoints. Two things a reader must know:
-
-- Gradient accumulation under DDP all-reduces only on the last micro-step of an optimiser
-  step (`sync`: DDP's `no_sync` elsewhere, as nanoGPT and nanoVLM do): the reducer would
-  otherwise average every micro-step's gradients, grad_accum times the traffic for the same
-  mean. FSDP2 reduce-scatters at every micro-step (keeping unsharded gradients between
-  micro-steps would cost the memory FSDP exists to save).
-- Under FSDP2 the full weights and optimiser state are gathered to CPU for a checkpoint
-  (a collective: every rank calls it) and scattered back on resume.
+Gradient accumulation under DDP all-reduces on an optimiser step's last micro-step only (`sync`:
+DDP's `no_sync` before it, as in nanoGPT and nanoVLM), not grad_accum times for the same mean.
+FSDP2 reduce-scatters every micro-step: unsharded gradients kept between them would cost the
+memory FSDP exists to save.
 """
 
 from __future__ import annotations
@@ -20,6 +15,13 @@ import math
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mm.checkpoint import load_state_strict
@@ -65,12 +67,6 @@ class DataParallel:
     def gather_state(self, opt, sched) -> tuple[dict, dict, dict] | None:
         """(weights, optimiser state, scheduler state) on rank 0, None elsewhere (a collective under FSDP)."""
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
-
             full = StateDictOptions(full_state_dict=True, cpu_offload=True)
             weights = get_model_state_dict(self.parts, options=full)
             optim = get_optimizer_state_dict(self.parts, opt, options=full)
@@ -80,12 +76,6 @@ class DataParallel:
 
     def load_state(self, weights: dict, blob: dict, opt, sched, path: Path) -> None:
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-
             full = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
             set_model_state_dict(self.parts, weights, options=full)
             set_optimizer_state_dict(self.parts, opt, blob["optimizer"], options=full)

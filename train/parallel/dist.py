@@ -85,6 +85,3 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
     DDP._set_params_and_buffers_to_ignore_for_model(model, counters)
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lm.loss import IGNORE_INDEX
 from mm.checkpoint import load_checkpoint
 from mm.config import VisionConfig
 from mm.model import CaptionModel
@@ -53,7 +54,7 @@ def make_batches(tok: Tokenizer, n: int, batch_size: int, n_image: int, seed: in
                 for _ in range(batch_size)]
         t = max(len(ids) for ids, _ in rows)
         ids = torch.full((batch_size, t), tok.pad_id)
-        labels = torch.full((batch_size, t), -100)
+        labels = torch.full((batch_size, t), IGNORE_INDEX)
         for i, (x, y) in enumerate(rows):
             ids[i, :len(x)], labels[i, :len(y)] = torch.tensor(x), torch.tensor(y)
         out.append({"images": torch.randn(batch_size, 3, 64, 64, generator=g), "input_ids": ids,

@@ -24,8 +24,6 @@ counts and the microbatch's share of the sequences: the microbatch losses add up
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import nn
 from torch.distributed.pipelining import (
@@ -38,10 +36,7 @@ from torch.distributed.pipelining import (
 
 import lm
 from lm.model import positions_and_mask
-from mm.model import caption_loss, splice, trains_mtp
-
-if TYPE_CHECKING:
-    from mm.model import CaptionModel
+from mm.model import CaptionModel, caption_loss, splice, trains_mtp
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B,
              "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}

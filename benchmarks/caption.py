@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 import lm
 from mm.captioner import Captioner
 from mm.generate import Reference
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 
 
 def percentile(xs, q):

@@ -31,10 +31,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked a
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from lm.loss import IGNORE_INDEX  # noqa: E402
 from mm.config import DEFAULT_TASKS  # noqa: E402
-from train import scenes  # noqa: E402
-from train.data import make_loader  # noqa: E402
-from train.shards import write_synthetic  # noqa: E402
+from train.data import scenes  # noqa: E402
+from train.data.reader import make_loader  # noqa: E402
+from train.data.shards import write_synthetic  # noqa: E402
 
 IMAGE_TOKENS = 16  # the CPU recipe's pooled 4x4 map (NOTES.md)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -60,7 +61,7 @@ class Encoder:
             return self.tok.build_example(DEFAULT_TASKS[task], text, IMAGE_TOKENS)
         prefix = [0] + [3] * IMAGE_TOKENS + [4 + b for b in DEFAULT_TASKS[task].encode()]
         target = [4 + b for b in text.encode()] + [1]
-        return prefix + target, [-100] * len(prefix) + target
+        return prefix + target, [IGNORE_INDEX] * len(prefix) + target
 
 
 def read_epoch(urls: str, encode: Encoder, pad_to: dict, batch_size: int, workers: int,

@@ -41,7 +41,7 @@ def build(args):
     from train_step import make_batches
 
     from mm.tokenizer import Tokenizer
-    from train.scenes import sample_rng, sample_scene, texts
+    from train.data.scenes import sample_rng, sample_scene, texts
 
     torch.manual_seed(0)
     scenes = [texts(sample_scene(sample_rng("train", 1, i))) for i in range(500)]

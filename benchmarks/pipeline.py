@@ -1,7 +1,7 @@
 """Pipeline schedules on 2 CPU processes (gloo): step time and bubble (idle) fraction.
 
 A stack of residual MLP blocks (pre-LayerNorm, GELU) is cut evenly into stages the way
-train/pipeline.py cuts the captioner (one stage per rank for gpipe and 1f1b, two for
+train/parallel/pipeline.py cuts the captioner (one stage per rank for gpipe and 1f1b, two for
 interleaved1f1b, zbv and dualpipev) and trained on fixed random data with each of
 PyTorch's schedules. Compute time is measured inside the stages (PipelineStage's
 forward, backward and weight-backward of each microbatch); the bubble of a rank is
@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
 
-from train.pipeline_stages import SCHEDULES, rank_stages, split_layers, stages_per_rank
+from train.parallel.stages import SCHEDULES, rank_stages, split_layers, stages_per_rank
 
 RANKS = 2
 

@@ -18,7 +18,7 @@ import torch
 
 from mm.captioner import Captioner
 from mm.generate import GenerationConfig, GenerationStats
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 
 
 def main():

@@ -19,13 +19,12 @@ import time
 
 import torch
 
-from mm.config import preset
+from lm.loss import IGNORE_INDEX
+from mm.config import TASKS, preset
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
-from train.scenes import render, sample_rng, sample_scene, texts
+from train.data.scenes import render, sample_rng, sample_scene, texts
 from vision.preprocess import build_transform
-
-TASKS = ["caption", "describe", "caption_zh", "describe_zh"]
 
 
 def make_batches(model, tok, n_batches, batch_size, seed=0):
@@ -37,7 +36,7 @@ def make_batches(model, tok, n_batches, batch_size, seed=0):
         exs = [tok.build_example(model.cfg.tasks[task], texts(s)[task], model.num_image_tokens) for s in scenes]
         t = max(len(e[0]) for e in exs)
         ids = torch.tensor([e[0] + [tok.pad_id] * (t - len(e[0])) for e in exs])
-        labels = torch.tensor([e[1] + [-100] * (t - len(e[1])) for e in exs])
+        labels = torch.tensor([e[1] + [IGNORE_INDEX] * (t - len(e[1])) for e in exs])
         mask = (ids != tok.pad_id).long()
         out.append((torch.stack([tf(render(s)) for s in scenes]), ids, mask, labels))
     return out

@@ -2,7 +2,7 @@
 
     python examples/make_examples.py
 
-Four synthetic scenes from the test split (rendered by `train.scenes`, so the
+Four synthetic scenes from the test split (rendered by `train.data.scenes`, so the
 default model must caption them exactly; their four texts are stored beside
 them) and two photo-like pictures. There is no network here for real photos, so
 the "photos" are procedural: smooth gradients, blurred shapes and sensor-like
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from train.scenes import render, sample_rng, sample_scene, texts
+from train.data.scenes import render, sample_rng, sample_scene, texts
 
 HERE = Path(__file__).resolve().parent
 SCENES = ((0, "caption"), (1, "describe"), (2, "caption_zh"), (3, "describe_zh"))  # test-split index, task

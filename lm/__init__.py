@@ -5,6 +5,7 @@ from lm.cache import KVCache, LayerCache
 from lm.config import ConfigError, LMConfig
 from lm.decode import DecodeOutput, Decoder
 from lm.hf import load_hf, save_hf
+from lm.loss import IGNORE_INDEX, ce_sum, target_counts
 from lm.model import Block, LMOutput, Transformer
 from lm.moe import (
     MLP,
@@ -15,6 +16,7 @@ from lm.moe import (
     max_over_mean,
     moe_layers,
     route,
+    router_loads,
     update_router_bias,
 )
 from lm.mtp import MTPModule, mtp_loss
@@ -22,8 +24,8 @@ from lm.norm import RMSNorm
 from lm.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 __all__ = [
-    "MLA", "MLP", "Block", "ConfigError", "DecodeOutput", "Decoder", "Gate", "KVCache", "LMConfig", "LMOutput", "LayerCache",
-    "MTPModule", "MoE", "RMSNorm", "RotaryEmbedding", "RoutedExperts", "Transformer", "apply_rope",
-    "load_hf", "load_stats", "max_over_mean", "moe_layers", "mtp_loss", "route", "save_hf", "softmax_scale",
-    "update_router_bias",
+    "IGNORE_INDEX", "MLA", "MLP", "Block", "ConfigError", "DecodeOutput", "Decoder", "Gate", "KVCache", "LMConfig", "LMOutput", "LayerCache",
+    "MTPModule", "MoE", "RMSNorm", "RotaryEmbedding", "RoutedExperts", "Transformer", "apply_rope", "ce_sum",
+    "load_hf", "load_stats", "max_over_mean", "moe_layers", "mtp_loss", "route", "router_loads", "save_hf", "softmax_scale",
+    "target_counts", "update_router_bias",
 ]

@@ -384,23 +384,25 @@ def save_hf(model: Transformer, path: str | os.PathLike, shard_size: int = 5_000
     file_names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file_name, shard in zip(file_names, shards):
         # clone: per-expert views share storage, which safetensors refuses to write
-        _atomic(path / file_name, lambda p, s=shard: save_file(
+        atomic_file(path / file_name, lambda p, s=shard: save_file(
             {k: t.detach().to("cpu", copy=True).contiguous() for k, t in s}, p, metadata={"format": "pt"}))
     index = path / "model.safetensors.index.json"
     if n > 1:
         total = sum(t.numel() * t.element_size() for s in shards for _, t in s)
         weight_map = {k: f for f, s in zip(file_names, shards) for k, _ in s}
-        _atomic(index, lambda p: Path(p).write_text(json.dumps(
+        atomic_file(index, lambda p: Path(p).write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)))
     for stale in [*path.glob("model-*-of-*.safetensors"), path / "model.safetensors", index]:
         if stale.exists() and stale.name not in file_names and not (stale == index and n > 1):
             stale.unlink()  # left by an earlier save with a different sharding
-    _atomic(path / "config.json", lambda p: Path(p).write_text(json.dumps(hf_cfg, indent=2) + "\n"))
+    atomic_file(path / "config.json", lambda p: Path(p).write_text(json.dumps(hf_cfg, indent=2) + "\n"))
     return path
 
 
-def _atomic(target: Path, write) -> None:
-    """Write beside the target, then rename, so a crash never leaves a half-written file."""
+def atomic_file(target: str | Path, write) -> None:
+    """Call `write(tmp_path)` beside the target, then rename, so a crash never leaves a half-written
+    file. The one file writer of the project (checkpoint directories: mm.checkpoint.atomic_dir)."""
+    target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
     write(str(tmp))
     os.replace(tmp, target)

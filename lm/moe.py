@@ -14,17 +14,16 @@ indexes a stacked weight W[e] is mostly in backward, where each W[e] costs a
 full-size zero gradient (benchmarks/moe.py measures it).
 
 Balancing: `update_router_bias` applies b += gamma * sign(mean_load - load) once
-per optimiser step from the load counted since the last update (all-reduced over
-ranks when torch.distributed is initialised), and an optional sequence-wise balance
-loss (eq. 17-20) is returned by the layer when aux_loss_alpha > 0. Padding tokens
-are routed and computed (cheaper than compacting) but not counted as load.
-Under DDP the counters must stay rank-local: train/dist.py tells DDP not to broadcast them.
+per optimiser step from the load counted since the last update, and an optional
+sequence-wise balance loss (eq. 17-20) is returned by the layer when aux_loss_alpha > 0.
+Padding tokens are routed and computed (cheaper than compacting) but not counted as load.
+The load must be the whole global batch's: the caller sums `router_loads` over ranks
+(train/parallel/router.py) and passes the sum in; nothing here talks to other processes.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -229,21 +228,28 @@ def load_stats(model: nn.Module) -> list[dict]:
             for m in moe_layers(model)]
 
 
+def router_loads(model: nn.Module) -> torch.Tensor | None:
+    """The load each MoE layer counted since the last bias update, [L, E] fp32 (None without MoE)."""
+    layers = moe_layers(model)
+    return torch.stack([m.load.float() for m in layers]) if layers else None
+
+
 @torch.no_grad()
-def update_router_bias(model: nn.Module, group=None, gamma: float | None = None) -> list[float]:
+def update_router_bias(model: nn.Module, loads: torch.Tensor | None = None, gamma: float | None = None) -> list[float]:
     """Auxiliary-loss-free balancing step (DeepSeek-V3 section 2.1.2); call once per optimiser step.
 
-    Sums the accumulated loads over ranks, moves each noaux_tc layer's bias by
-    gamma * sign(mean - load) (gamma defaults to the config's bias_update_speed),
-    resets the counters, and returns each layer's max/mean load before the update.
-    A layer whose router weight is frozen (requires_grad False) keeps its bias too.
+    `loads` [L, E] is the load of the whole global batch per MoE layer (`router_loads` summed over
+    data-parallel ranks); by default this process's own. Moves each noaux_tc layer's bias by
+    gamma * sign(mean - load) (gamma defaults to the config's bias_update_speed), resets the
+    counters, and returns each layer's max/mean load before the update. A layer whose router
+    weight is frozen (requires_grad False) keeps its bias too.
     """
     layers = moe_layers(model)
     if not layers:
         return []
-    loads = torch.stack([m.load.float() for m in layers])  # [L, E], one all-reduce for all layers
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(loads, group=group)
+    loads = router_loads(model) if loads is None else loads
+    if loads.shape[0] != len(layers):
+        raise ValueError(f"update_router_bias: loads for {loads.shape[0]} MoE layers, the model has {len(layers)}")
     for m, load in zip(layers, loads):
         step = m.bias_update_speed if gamma is None else gamma
         if m.gate.bias is not None and step > 0 and m.gate.weight.requires_grad:

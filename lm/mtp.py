@@ -14,10 +14,10 @@ by the trainer. At inference the modules draft tokens for self-speculative decod
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lm.config import LMConfig
+from lm.loss import ce_sum, target_counts
 from lm.norm import RMSNorm
 
 
@@ -44,24 +44,26 @@ class MTPModule(nn.Module):
         return self.block(x, cos, sin, mask, cache, valid)
 
 
-def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mtp_lambda: float):
+def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, mtp_lambda: float,
+             counts: list[torch.Tensor] | None = None):
     """lambda / D * sum_k CE(mtp_logits[k-1][:, i], labels[:, i+k+1]) and {"mtp_k": float}.
 
-    labels [B, T] are aligned with the input positions (HF convention, -100 = ignore);
-    each depth's CE is a mean over its non-ignored targets (0 when there are none).
+    labels [B, T] are aligned with the input positions (lm/loss.py); each depth's CE is a sum
+    over its targets divided by counts[k] (lm.loss.target_counts), by default those of `labels`
+    themselves: a mean over the depth's targets, 0 when there are none. A microbatch passes the
+    whole batch's counts.
     """
     if not mtp_logits:
         return labels.new_zeros((), dtype=torch.float32), {}
     t = labels.shape[1]
+    counts = target_counts(labels, len(mtp_logits)) if counts is None else counts
     total, parts = 0.0, {}
     for k, logits in enumerate(mtp_logits, start=1):
         if logits.shape[1] != t - k:
             raise ValueError(f"mtp_loss: depth {k} logits cover {logits.shape[1]} positions, "
                              f"expected T - k = {t - k} for labels of length {t}")
         n = max(t - k - 1, 0)  # the last entry's target t_{T} lies past the sequence
-        pred, target = logits[:, :n].float().flatten(0, 1), labels[:, k + 1:].flatten()
-        count = (target != -100).sum().clamp(min=1)
-        loss_k = F.cross_entropy(pred, target, ignore_index=-100, reduction="sum") / count
+        loss_k = ce_sum(logits[:, :n], labels[:, k + 1:]) / counts[k]
         total = total + loss_k
         parts[f"mtp_{k}"] = float(loss_k.detach())
     return mtp_lambda / len(mtp_logits) * total, parts

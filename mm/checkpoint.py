@@ -27,7 +27,7 @@ from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
 
 __all__ = ["CheckpointError", "atomic_dir", "check_device", "clean_stale", "load_checkpoint", "load_config",
-           "load_state_strict", "read_weights", "remove_dir", "save_checkpoint"]
+           "load_state_strict", "read_weights", "remove_dir", "save_checkpoint", "write_checkpoint"]
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 _STALE = re.compile(r"\.(.+)\.(tmp|old|del)-(\d+)")  # what atomic_dir / remove_dir leave when killed
@@ -95,21 +95,28 @@ def clean_stale(parent: str | Path) -> list[str]:
     return done
 
 
-def save_checkpoint(path, model: CaptionModel, tokenizer: Tokenizer, dtype: torch.dtype | None = None,
-                    extra: Callable[[Path], None] | None = None) -> Path:
-    """Write a Captioner directory; `extra(tmp_dir)` may add files (the trainer's train_state/)."""
+def save_checkpoint(path, model: CaptionModel, tokenizer: Tokenizer, dtype: torch.dtype | None = None) -> Path:
+    """Write a Captioner directory of a model."""
+    return write_checkpoint(path, model.cfg, model.state_dict(), tokenizer, dtype=dtype,
+                            calibration=model.calibration)
+
+
+def write_checkpoint(path, cfg: MMConfig, weights: dict[str, torch.Tensor], tokenizer: Tokenizer,
+                     dtype: torch.dtype | None = None, calibration: Calibration | None = None,
+                     extra: Callable[[Path], None] | None = None) -> Path:
+    """Write a Captioner directory from a config and a (possibly gathered) state dict; `extra(tmp_dir)`
+    may add files (training's train_state/)."""
 
     def write(tmp: Path):
-        model.cfg.to_json(tmp / "config.json")
+        cfg.to_json(tmp / "config.json")
         state = {}
-        for k, v in model.state_dict().items():
+        for k, v in weights.items():
             v = v.detach()
             if dtype is not None and v.is_floating_point():
                 v = v.to(dtype)
             state[k] = v.contiguous().cpu()
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(tmp / "tokenizer.json")
-        calibration = getattr(model, "calibration", None)  # training's state views have none
         if calibration is not None:
             calibration.save(tmp)
         if extra is not None:

@@ -19,11 +19,11 @@ import sys
 
 COMMANDS = {
     "caption": ("mm.caption_cli", "caption images, folders, globs or webdataset shards"),
-    "shards": ("train.shards", "write webdataset shards (synthetic scenes, or convert a folder)"),
+    "shards": ("train.data.shards", "write webdataset shards (synthetic scenes, or convert a folder)"),
     "train": ("train.cli", "train a captioner from a JSON config"),
     "finetune": ("train.finetune", "fine-tune a checkpoint, or a timm encoder + DeepSeek-format LM"),
-    "eval": ("train.evaluate", "score a checkpoint on shards (BLEU-4, ROUGE-L, CIDEr, exact match)"),
-    "calibrate": ("train.calibrate", "fit a checkpoint's image-familiarity statistics and confidence threshold"),
+    "eval": ("train.eval.scorer", "score a checkpoint on shards (BLEU-4, ROUGE-L, CIDEr, exact match)"),
+    "calibrate": ("train.eval.calibrate", "fit a checkpoint's image-familiarity statistics and confidence threshold"),
     "serve": ("app", "serve the Gradio app"),
 }
 

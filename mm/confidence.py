@@ -12,9 +12,9 @@ A caption's confidence in [0, 1] is the product of two terms:
 
 `Calibration` holds the feature statistics and, per task, the threshold below which an
 image is reported as unfamiliar (tasks differ: a short Chinese caption has fewer
-near-certain tokens to average than a long English description). `mm calibrate` (train/calibrate.py) fits it on training-like
-images and picks the threshold on held-out changed scenes against photographs; it is saved
-beside the weights as `calibration.safetensors`. A model without one (a fine-tuned
+near-certain tokens to average than a long English description). `mm calibrate`
+(train/eval/calibrate.py) fits it on training-like images and picks the thresholds on
+held-out changed scenes; it is saved beside the weights as `calibration.safetensors`. A model without one (a fine-tuned
 export, whose encoder has moved) has familiarity 1 and flags nothing.
 """
 

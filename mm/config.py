@@ -17,6 +17,7 @@ DEFAULT_TASKS = {
     "caption_zh": "标题：",
     "describe_zh": "描述：",
 }
+TASKS = tuple(DEFAULT_TASKS)  # the task list, defined here once: readers, scenes and the trainer use it
 
 
 @dataclass
@@ -60,6 +61,15 @@ class MMConfig(ConfigBase):
         check_ranges("MMConfig", [(bool(self.tasks), "tasks must name at least one task", self.tasks),
                                   (not bad, "tasks must map task names to prompt strings", bad),
                                   (self.max_text_len >= 1, "max_text_len must be >= 1", self.max_text_len)])
+
+    def with_tasks(self, add: dict) -> MMConfig:
+        """This config with the prompts of `add` (a training config's add_tasks); a task it already has
+        keeps its prompt, or must be given the same one."""
+        clash = {k: (self.tasks[k], v) for k, v in add.items() if k in self.tasks and self.tasks[k] != v}
+        if clash:
+            raise ConfigError(f"add_tasks: {sorted(clash)} already have other prompts in the model "
+                              f"(model, add_tasks): {clash}")
+        return self.replace(tasks={**self.tasks, **add}) if add else self
 
     def prompt(self, task: str) -> str:
         if task not in self.tasks:

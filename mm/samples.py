@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import webdataset as wds
 from webdataset.autodecode import IMAGE_EXTENSIONS
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from mm.config import TASKS
 from vision.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp") + tuple(e for e in IMAGE_EXTENSIONS if e not in ("jpg", "jpeg", "png", "webp"))
+__all__ = ["IMAGE_KEYS", "REASONS", "TASKS", "BadSample", "DataErrors", "expand_urls", "good_samples", "sample_image",
+           "sample_json", "sample_texts", "shard_samples"]
+T = TypeVar("T")
 REASONS = ("bad_shard", "bad_json", "bad_text", "missing_text", "missing_image", "bad_image", "missing_task",
            "too_long")
 
@@ -118,6 +123,17 @@ def shard_samples(url: str, errors: DataErrors) -> Iterator[dict]:
             failed.append(("bad_shard", url, "", f"{type(e).__name__}: {e}"))
     if failed:
         errors.add(*failed[0])
+
+
+def good_samples(urls: str | list[str], errors: DataErrors, parse: Callable[[dict], T]) -> Iterator[T]:
+    """`parse(sample)` of every sample in the shards, in order; a sample it refuses (BadSample) is
+    counted in `errors` with its shard and key, and skipped. One process reads every shard."""
+    for url in expand_urls(urls):
+        for sample in shard_samples(url, errors):
+            try:
+                yield parse(sample)
+            except BadSample as e:
+                errors.add(e.reason, url, sample.get("__key__", "?"), e.detail)
 
 
 def sample_json(sample: dict) -> dict:

@@ -22,7 +22,6 @@ generation after the prompt reproduces training.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,15 +29,15 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 
-IGNORE_INDEX = -100  # label of positions without a loss (PyTorch cross_entropy's default)
+from lm.hf import atomic_file
+from lm.loss import IGNORE_INDEX
+
 DEFAULT_SPECIALS = {"bos": "<bos>", "eos": "<eos>", "pad": "<pad>", "image": "<image>"}
 _CONFIG_NAME = "tokenizer_config.json"
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def _roles_from_config(directory: Path) -> dict[str, str]:

@@ -38,7 +38,7 @@ def micro_config(vocab_size: int = 512, **lm_changes) -> MMConfig:
 @pytest.fixture(scope="session")
 def synth_shards(tmp_path_factory):
     """Synthetic scene shards: train (4 x 64 samples) and test (1 x 32)."""
-    from train.shards import write_synthetic
+    from train.data.shards import write_synthetic
 
     root = tmp_path_factory.mktemp("shards")
     write_synthetic(str(root), 256, seed=0, split="train", per_shard=64)
@@ -87,7 +87,7 @@ spec = importlib.util.spec_from_file_location("micro_conftest", {conftest!r})
 helpers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(helpers)
 from train import trainer as T
-from train import dist as D
+from train.parallel import dist as D
 cfg = helpers.micro_train_config({{"train": {shards!r}}}, {out!r})
 {changes}
 captured = {{}}

@@ -27,7 +27,7 @@ from PIL import Image
 
 import app
 from mm.captioner import Captioner
-from train.scenes import Scene, SceneObject, render, sample_rng, sample_scene, texts
+from train.data.scenes import Scene, SceneObject, render, sample_rng, sample_scene, texts
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ("caption", "describe", "caption_zh", "describe_zh")

@@ -16,7 +16,7 @@ import pytest
 
 import app
 from mm.captioner import Captioner
-from train.scenes import Scene, SceneObject, render, texts
+from train.data.scenes import Scene, SceneObject, render, texts
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"

@@ -1,4 +1,5 @@
-"""Training checkpoints: a Captioner directory plus `train_state/`, saved atomically.
+"""Training checkpoints: a Captioner directory plus `train_state/`, saved atomically; one writer
+and one reader for every parallelism (each gives its full state, gathered, and takes its share back).
 
 `out_dir/checkpoints/step-00000100/` holds `config.json`, `model.safetensors` (fp32
 master weights, router biases included), `tokenizer.json`, and `train_state/` with
@@ -20,19 +21,11 @@ from pathlib import Path
 
 import torch
 
-from mm.checkpoint import (
-    CheckpointError,
-    clean_stale,
-    load_state_strict,
-    read_weights,
-    remove_dir,
-    save_checkpoint,
-)
-from train import dist as D
+from mm.checkpoint import CheckpointError, clean_stale, read_weights, remove_dir, write_checkpoint
+from train.parallel.dist import barrier
+from train.state import SAVED, STATE_FILE, RunState
 
-STATE_FILE = "train_state/state.pt"
-STATE_KEYS = ("step", "data", "bad_steps", "skipped", "optimizer", "scheduler", "rng_torch", "rng_python",
-              "rng_python_version", "rng_python_gauss")
+STATE_KEYS = (*SAVED, "optimizer", "scheduler", "rng_torch", "rng_python", "rng_python_version", "rng_python_gauss")
 
 
 def _checkpoints(out_dir: Path) -> list[Path]:
@@ -49,60 +42,29 @@ def latest_checkpoint(out_dir) -> Path | None:
     return found[-1] if found else None
 
 
-def save_training_checkpoint(raw, tokenizer, opt, sched, state, cfg, info) -> Path:
-    out = Path(cfg.out_dir) / "checkpoints" / f"step-{state['step']:08d}"
-    full_model = _full_state(raw, info)
-    optim_state = _full_optim_state(raw, opt, info)
-    if info.is_main:
+def save(par, tokenizer, opt, sched, state: RunState, cfg) -> Path:
+    """Write `out_dir/checkpoints/step-N` from the parallelism's gathered state (rank 0 writes, all
+    ranks wait); only the newest keep_last stay. Returns its path."""
+    out = Path(cfg.out_dir) / "checkpoints" / f"step-{state.step:08d}"
+    full = par.gather_state(opt, sched)
+    if full is not None:
+        weights, optim_state, sched_state = full
+        rng = random.getstate()
+
         def write_state(tmp: Path):
             (tmp / "train_state").mkdir()
-            torch.save({
-                "step": state["step"], "data": state["data"], "bad_steps": state["bad_steps"],
-                "skipped": state["skipped"], "log_window": state.get("log_window", []),
-                "optimizer": optim_state, "scheduler": sched.state_dict(),
-                "rng_torch": torch.get_rng_state(), "rng_python": list(random.getstate()[1]),
-                "rng_python_version": random.getstate()[0], "rng_python_gauss": random.getstate()[2],
+            torch.save(state.to_dict() | {
+                "optimizer": optim_state, "scheduler": sched_state, "rng_torch": torch.get_rng_state(),
+                "rng_python": list(rng[1]), "rng_python_version": rng[0], "rng_python_gauss": rng[2],
                 "train_config": cfg.to_dict(),
             }, tmp / STATE_FILE)
 
         clean_stale(out.parent)
-        save_checkpoint(out, _StateView(raw, full_model), tokenizer, extra=write_state)
+        write_checkpoint(out, par.model_cfg, weights, tokenizer, extra=write_state)
         for old in _checkpoints(Path(cfg.out_dir))[: -cfg.keep_last]:
             remove_dir(old)
-    D.barrier(info)
+    barrier(par.info)
     return out
-
-
-class _StateView:
-    """What save_checkpoint needs of a model: its config and a (gathered) state dict."""
-
-    def __init__(self, model, state):
-        self.cfg, self._state = model.cfg, state
-
-    def state_dict(self):
-        return self._state
-
-
-def _full_state(model, info):
-    """The full (unsharded) state dict, also under FSDP2."""
-    if info.enabled and _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return model.state_dict()
-
-
-def _full_optim_state(model, opt, info):
-    if info.enabled and _is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                             cpu_offload=True))
-    return opt.state_dict()
-
-
-def _is_fsdp(model) -> bool:
-    return any(type(m).__name__.startswith("FSDP") for m in model.modules())
 
 
 def resume_candidates(out_dir, resume: str | None) -> list[Path]:
@@ -147,39 +109,21 @@ def read_train_state(path) -> tuple[dict, dict]:
     return weights, blob
 
 
-def load_train_state(path, raw, opt, sched, info) -> dict:
-    """Restore weights, optimiser, scheduler and RNG from a training checkpoint."""
+def load_train_state(path, par, opt, sched) -> RunState:
+    """Restore the parallelism's weights, optimiser and scheduler, and the RNG, from a training checkpoint."""
     path = Path(path)
-    weights, blob = read_train_state(path)
-    if info.enabled and _is_fsdp(raw):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=False)
-        set_model_state_dict(raw, weights, options=opts)
-        set_optimizer_state_dict(raw, opt, blob["optimizer"], options=opts)
-    else:
-        load_state_strict(raw, weights, str(path / "model.safetensors"))
-        apply_state(path, lambda: opt.load_state_dict(blob["optimizer"]))
-    apply_state(path, lambda: sched.load_state_dict(blob["scheduler"]))
+    weights, blob = read_train_state(path)  # read whole first: a damaged checkpoint changes nothing
+    apply_state(path, lambda: par.load_state(weights, blob, opt, sched, path))
     apply_state(path, lambda: restore_rng(blob))
-    return run_state(blob)
-
-
-def run_state(blob: dict) -> dict:
-    """The trainer's state from a saved one; the carried log window's throughput counts are this
-    process's only, so they restart at zero (older checkpoints carry no window)."""
-    window = [dict(w, tokens=0, images=0) for w in blob.get("log_window", [])]
-    return {k: blob[k] for k in ("step", "data", "bad_steps", "skipped")} | {"log_window": window}
+    return RunState.from_saved(blob)
 
 
 def apply_state(path: Path, restore: Callable[[], None]) -> None:
     """Run `restore`; a saved state that does not fit this run names the checkpoint."""
     try:
         restore()
+    except CheckpointError:  # already names its file
+        raise
     except (ValueError, KeyError, TypeError, RuntimeError) as e:  # torch's ways of refusing a state dict
         raise CheckpointError(f"{path / STATE_FILE}: does not fit this run ({type(e).__name__}: {e})") from e
 
@@ -207,8 +151,8 @@ def export_model(raw, tokenizer, path, cfg, state) -> Path:
         meta["previous"] = [*meta.get("previous", []), earlier]
     recipe = cfg.to_dict()
     recipe.pop("model")  # the model config is the checkpoint's config.json itself
-    meta.update({"recipe": recipe, "commit": git_commit(), "steps": state["step"]})
+    meta.update({"recipe": recipe, "commit": git_commit(), "steps": state.step})
     raw.cfg = raw.cfg.replace(meta=meta)
     from train.lora import merged_state_dict  # LoRA adapters are folded into the weights
 
-    return save_checkpoint(path, _StateView(raw, merged_state_dict(raw)), tokenizer, dtype=torch.bfloat16)
+    return write_checkpoint(path, raw.cfg, merged_state_dict(raw), tokenizer, dtype=torch.bfloat16)

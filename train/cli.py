@@ -24,7 +24,6 @@ def add_arguments(p: argparse.ArgumentParser):
 def run(args) -> int:
     from mm.config import preset
     from train.config import load_train_config
-    from train.trainer import TrainingStopped, train
 
     overrides = list(args.overrides)
     if args.out:
@@ -36,13 +35,21 @@ def run(args) -> int:
     except ConfigError as e:
         print(f"mm train: {e}", file=sys.stderr)
         return 2
+    return run_training("train", cfg, resume=args.resume, export=args.export)
+
+
+def run_training(command: str, cfg, **options) -> int:
+    """`train(cfg, **options)` with the exit status of `mm train` and `mm finetune`: 2 for what is found
+    before the first step (shards, the resume checkpoint), 1 for a run stopped by bad steps."""
+    from train.trainer import TrainingStopped, train
+
     try:
-        path = train(cfg, resume=args.resume, export=args.export)
-    except (ConfigError, CheckpointError) as e:  # found before the first step: shards, resume checkpoint
-        print(f"mm train: {e}", file=sys.stderr)
+        path = train(cfg, **options)
+    except (ConfigError, CheckpointError) as e:
+        print(f"mm {command}: {e}", file=sys.stderr)
         return 2
     except TrainingStopped as e:
-        print(f"mm train: {e}", file=sys.stderr)
+        print(f"mm {command}: {e}", file=sys.stderr)
         return 1
     print(f"final checkpoint: {path}", file=sys.stderr)
     return 0

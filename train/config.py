@@ -11,16 +11,14 @@ import json
 from dataclasses import dataclass, field
 
 from lm.config import ConfigBase, ConfigError, check_ranges
-from mm.config import MMConfig, preset
-
-ALL_TASKS = ["caption", "describe", "caption_zh", "describe_zh"]
+from mm.config import TASKS, MMConfig, preset
 
 
 @dataclass
 class DataConfig(ConfigBase):
     train: str = ""  # shard URLs: a brace pattern, a path, pipe:, http(s)://; several joined with "::"
     val: str = ""
-    tasks: list[str] = field(default_factory=lambda: list(ALL_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
     task_mode: str = "batch"  # batch: one task per batch | all: every task of every sample
     num_workers: int = 2
     resampled: bool = True  # sample shards with replacement (an endless stream)
@@ -135,7 +133,7 @@ class VisionWarmupConfig(ConfigBase):
 
 @dataclass
 class AugmentConfig(ConfigBase):
-    """Real-world image changes drawn per training sample (train/augment.py); each keeps a scene's
+    """Real-world image changes drawn per training sample (train/data/augment.py); each keeps a scene's
     caption true. Off by default: user data already varies, and some changes (a shift, a canvas)
     could cut what a caption names in other images."""
 
@@ -177,7 +175,7 @@ class AugmentConfig(ConfigBase):
 
 @dataclass
 class ParallelConfig(ConfigBase):
-    """Pipeline parallelism (train/pipeline.py); under torchrun the data-parallel degree is
+    """Pipeline parallelism (train/parallel/pipeline.py); under torchrun the data-parallel degree is
     world_size / stages. gpipe and 1f1b run one stage per rank; interleaved1f1b, zbv and
     dualpipev run two (zbv and dualpipev in a V: rank r holds stages r and 2 * stages - 1 - r)."""
 
@@ -221,6 +219,11 @@ class TrainConfig(ConfigBase):
     add_tasks: dict = field(default_factory=dict)  # task -> prompt the model gains (teaching a new task)
     tensorboard: bool = False
 
+    @property
+    def autocast_dtype(self):  # what `precision` autocasts to: None for fp32; FP8's other operations run in bf16
+        import torch
+        return None if self.precision == "fp32" else torch.bfloat16
+
     def __post_init__(self):
         for name, value, allowed in [
             ("precision", self.precision, ("fp32", "bf16", "fp8")),
@@ -251,16 +254,6 @@ class TrainConfig(ConfigBase):
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1", self.max_bad_steps),
             (bool(self.out_dir), "out_dir must not be empty", self.out_dir),
         ])
-
-
-def with_tasks(model: MMConfig, add: dict) -> MMConfig:
-    """The model config with the prompts of `add_tasks`; a task it already has keeps its prompt, or
-    must be given the same one."""
-    clash = {k: (model.tasks[k], v) for k, v in add.items() if k in model.tasks and model.tasks[k] != v}
-    if clash:
-        raise ConfigError(f"add_tasks: {sorted(clash)} already have other prompts in the model "
-                          f"(model, add_tasks): {clash}")
-    return model.replace(tasks={**model.tasks, **add}) if add else model
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

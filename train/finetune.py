@@ -113,16 +113,14 @@ def _is_captioner(path: Path) -> bool:
 
 
 def set_mtp_depths(model, depths: int):
-    """A new model config with lm.mtp_depths = depths, given to the model and its LM."""
+    """A new model config with lm.mtp_depths = depths (the model hands it to its LM, the config's owner)."""
     if not model.cfg.lm.num_nextn_predict_layers:
         raise ValueError("--mtp-depths: the model has no MTP module (num_nextn_predict_layers is 0)")
-    lm_cfg = model.cfg.lm.replace(mtp_depths=depths)  # validates
-    model.cfg = model.cfg.replace(lm=lm_cfg)
-    model.lm.cfg = lm_cfg
+    model.cfg = model.cfg.replace(lm=model.cfg.lm.replace(mtp_depths=depths))  # validates
 
 
 def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int, lora=None):
-    """What trains; in the lora stage the adapters, added later (train.trainer.prepare), train too."""
+    """What trains; in the lora stage the adapters, added later (train.build.prepare), train too."""
     if stage == "mtp" and not (len(model.lm.mtp) and model.cfg.lm.mtp_lambda > 0):
         raise ValueError("--stage mtp: the model has no MTP module to train (num_nextn_predict_layers "
                          f"{model.cfg.lm.num_nextn_predict_layers}, mtp_lambda {model.cfg.lm.mtp_lambda})")
@@ -145,9 +143,9 @@ def set_stage(model, stage: str, freeze: list[str], unfreeze_last: int, lora=Non
 
 
 def run(args) -> int:
-    from lm.config import CheckpointError, ConfigError
-    from train.config import load_train_config, with_tasks
-    from train.trainer import TrainingStopped, train
+    from lm.config import ConfigError
+    from train.cli import run_training
+    from train.config import load_train_config
 
     overrides = list(args.overrides) + [f"--data.train={args.data}", f"--out_dir={args.out}"]
     if args.val:
@@ -158,7 +156,7 @@ def run(args) -> int:
         if args.mtp_depths:
             set_mtp_depths(model, args.mtp_depths)
         cfg = load_train_config(args.config, overrides)
-        model.cfg = with_tasks(model.cfg, cfg.add_tasks)
+        model.cfg = model.cfg.with_tasks(cfg.add_tasks)
         cfg = lora_options(cfg.replace(model=model.cfg), stage, args)
         if cfg.vision_warmup.steps:  # it is for encoders trained from scratch; it would overwrite these
             print("mm finetune: vision_warmup is skipped when fine-tuning", file=sys.stderr)
@@ -167,17 +165,8 @@ def run(args) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"mm finetune: {e}", file=sys.stderr)
         return 2
-    try:
-        path = train(cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export,
-                     save_adapters=args.save_adapters)
-    except (ConfigError, CheckpointError) as e:  # found before the first step: shards, resume checkpoint
-        print(f"mm finetune: {e}", file=sys.stderr)
-        return 2
-    except TrainingStopped as e:
-        print(f"mm finetune: {e}", file=sys.stderr)
-        return 1
-    print(f"final checkpoint: {path}", file=sys.stderr)
-    return 0
+    return run_training("finetune", cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export,
+                        save_adapters=args.save_adapters)
 
 
 def lora_options(cfg, stage: str, args):

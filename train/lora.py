@@ -6,7 +6,7 @@ an adapter is a child named `lora` (`...wkv_b.lora.A`, `...ffn.experts.lora.w1.B
 at zero, so a freshly adapted model computes exactly what the base model does.
 
 - Linear and Conv2d layers get a forward hook that adds the low-rank update to the layer's
-  output; the layer itself, plain or FP8 (train/fp8.py), is untouched. FP8 conversion comes
+  output; the layer itself, plain or FP8 (train/fp8/linear.py), is untouched. FP8 conversion comes
   first (the trainer's order: fp8 -> lora -> compile -> shard), so the frozen base GEMMs are
   quantised and the adapters stay out of FP8: their products run as unconverted layers' do
   (linear ones in the autocast dtype, bf16; the experts' in their input's dtype).

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from train.scenes import COLOURS, SHAPES, SIZES, render, sample_rng, sample_scene
+from train.data.scenes import COLOURS, SHAPES, SIZES, render, sample_rng, sample_scene
 from vision.encoder import VisionEncoder
 
 # per-cell targets; class 0 of each means "no object in this cell"

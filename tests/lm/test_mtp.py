@@ -58,7 +58,7 @@ def test_mtp_loss_targets():
     """Logits that put all mass on t_{i+k+1} give ~0 loss; one position off gives a large loss."""
     b, t, v, depth = 2, 9, 11, 2
     labels = torch.randint(0, v, (b, t))
-    labels[0, 7] = -100  # ignored target
+    labels[0, 7] = lm.IGNORE_INDEX  # ignored target
 
     def peaked(shift):
         out = []

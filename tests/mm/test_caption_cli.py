@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mm.cli import main
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 
 
 def test_folder_with_a_corrupt_file(trained_micro, tmp_path, capsys):

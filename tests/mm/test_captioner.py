@@ -9,7 +9,7 @@ from PIL import Image
 
 from mm.captioner import Captioner
 from mm.checkpoint import CheckpointError
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 from vision.preprocess import ImageError
 
 

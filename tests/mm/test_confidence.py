@@ -9,7 +9,7 @@ from mm.captioner import Captioner
 from mm.checkpoint import load_checkpoint, save_checkpoint
 from mm.confidence import Calibration, chosen_logprob, confidence, fit
 from mm.engine import Engine
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 
 
 @pytest.fixture(scope="module")

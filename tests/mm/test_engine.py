@@ -7,7 +7,7 @@ import pytest
 
 from mm.captioner import Captioner
 from mm.engine import Cancelled, Engine, EngineBusy
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 from vision.preprocess import ImageError
 
 TASKS = ("caption", "describe", "caption_zh", "describe_zh")

@@ -6,7 +6,7 @@ import torch
 
 from mm.checkpoint import load_checkpoint
 from mm.generate import GenerationConfig, generate
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 from vision.preprocess import build_transform
 
 

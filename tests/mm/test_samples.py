@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mm.samples import REASONS, BadSample, DataErrors, sample_image, sample_json, sample_texts, shard_samples
-from train.scenes import TASKS
+from train.data.scenes import TASKS
 
 SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                             HealthCheck.function_scoped_fixture])

@@ -1,4 +1,4 @@
-"""Image changes (train/augment.py): each op does what it says, augmentation is seeded and keeps a
+"""Image changes (train/data/augment.py): each op does what it says, augmentation is seeded and keeps a
 scene's objects in the frame, and the training reader applies it reproducibly."""
 
 import pickle
@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from lm.config import ConfigError
-from train import augment as A
 from train.config import AugmentConfig, load_train_config
-from train.scenes import BACKGROUNDS, render, sample_rng, sample_scene
+from train.data import augment as A
+from train.data.scenes import BACKGROUNDS, render, sample_rng, sample_scene
 
 
 def _scene(i=0):
@@ -93,8 +93,8 @@ def test_augment_config_is_checked_and_on_only_where_asked():
 
 
 def test_loader_applies_augmentation_reproducibly(tmp_path):
-    from train.data import make_loader
-    from train.shards import write_synthetic
+    from train.data.reader import make_loader
+    from train.data.shards import write_synthetic
     from vision.preprocess import build_transform
 
     write_synthetic(str(tmp_path), 64, seed=0, split="train", per_shard=32)

@@ -13,9 +13,9 @@ import webdataset as wds
 from PIL import Image
 
 from mm.tokenizer import Tokenizer
-from train import dist as D
 from train import trainer as T
-from train.data import make_loader
+from train.data.reader import make_loader
+from train.parallel import dist as D
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for conftest helpers
 from conftest import micro_train_config  # noqa: E402

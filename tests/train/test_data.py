@@ -12,9 +12,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from train import shards
-from train.data import DataErrors, dataset_size, make_loader
-from train.scenes import TASKS
+from lm.loss import IGNORE_INDEX
+from train.data import shards
+from train.data.reader import DataErrors, dataset_size, make_loader
+from train.data.scenes import TASKS
 
 
 def _transform(pil):
@@ -23,7 +24,7 @@ def _transform(pil):
 
 def _encode(task, text):
     ids = list(text.encode("utf-8"))
-    return [1, *ids, 2], [-100, *ids, 2]
+    return [1, *ids, 2], [IGNORE_INDEX, *ids, 2]
 
 
 def _text_of(ids_row, mask_row):
@@ -156,7 +157,7 @@ def test_batch_mode_one_task_per_batch_fixed_padding(tmp_path):
         assert isinstance(task, str) and b["input_ids"].shape == (len(b["keys"]), pad_to[task])
         assert b["images"].dtype == torch.float32 and b["images"].shape[1:] == (3, 128, 128)
         pad = b["attention_mask"] == 0
-        assert (b["labels"][pad] == -100).all() and (b["input_ids"][pad] == 0).all()
+        assert (b["labels"][pad] == IGNORE_INDEX).all() and (b["input_ids"][pad] == 0).all()
         for i, key in enumerate(b["keys"]):
             assert _text_of(b["input_ids"][i], b["attention_mask"][i]) == meta[key][task]
         seen += b["keys"]

@@ -3,7 +3,7 @@
 import json
 
 from mm.cli import main
-from train.metrics import caption_scores
+from train.eval.caption_metrics import caption_scores
 
 
 def test_eval_writes_scores_for_each_task(trained_micro, synth_shards, tmp_path, capsys):

@@ -42,7 +42,7 @@ def _arm(kind: str, nth: int) -> None:
     """Make the nth event of `kind` in this process kill it, halfway through where that means anything."""
     import mm.checkpoint
     import train.checkpoints
-    import train.metrics_log
+    import train.runlog
     from train import trainer as T
 
     count = {"n": 0}
@@ -86,7 +86,7 @@ def _arm(kind: str, nth: int) -> None:
             _die()
         train.checkpoints.remove_dir = remove_dir
     else:
-        real_write = train.metrics_log.RunLog.write
+        real_write = train.runlog.RunLog.write
 
         def write(self, record):
             if not due():
@@ -94,7 +94,7 @@ def _arm(kind: str, nth: int) -> None:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record)[:20])
             _die()
-        train.metrics_log.RunLog.write = write
+        train.runlog.RunLog.write = write
 
 
 def _attempt(cfg, kind, nth, resume) -> None:

@@ -70,7 +70,7 @@ def test_mtp_stage_trains_the_chain_and_leaves_the_captions(trained_micro, synth
     """--stage mtp --mtp-depths 3: only MTP weights move (encoder statistics included), the
     config records the depth, greedy output is unchanged and speculation drafts 3 by default."""
     from mm.captioner import Captioner
-    from train.scenes import render, sample_rng, sample_scene
+    from train.data.scenes import render, sample_rng, sample_scene
 
     rc = main(["finetune", "--from", str(trained_micro), "--stage", "mtp", "--mtp-depths", "3"]
               + short_run(synth_shards, tmp_path / "run"))

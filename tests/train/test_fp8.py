@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train import fp8, fp8_quant
+from train import fp8
+from train.fp8 import quant as fp8_quant
 
 E4M3 = torch.float8_e4m3fn
 

@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from lm.config import CheckpointError, ConfigError
+from lm.loss import IGNORE_INDEX
 from lm.moe import RoutedExperts
 from mm.model import CaptionModel
 from train import fp8
 from train import lora as L
 from train.config import LoRAConfig, TrainConfig, load_train_config
+from train.data.scenes import render, sample_rng, sample_scene
 from train.lora_files import load_adapters, save_adapters
-from train.scenes import render, sample_rng, sample_scene
 from vision.preprocess import build_transform
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for conftest helpers
@@ -38,7 +39,7 @@ def task_batch(model, task: str, n: int = 3, seed: int = 0):
     ids = torch.tensor([[1] + [model.image_token_id] * tokens + prompt] * n)
     ids = torch.cat([ids, torch.randint(5, 300, (n, 8), generator=g)], 1)
     labels = ids.clone()
-    labels[:, : 1 + tokens + len(prompt)] = -100
+    labels[:, : 1 + tokens + len(prompt)] = IGNORE_INDEX
     images = torch.stack([transform(render(sample_scene(sample_rng("test", seed, i)))) for i in range(n)])
     return images, ids, torch.ones_like(ids), labels
 

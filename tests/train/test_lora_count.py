@@ -11,10 +11,10 @@ from mm.captioner import DEFAULT_MODEL_DIR, Captioner
 from mm.checkpoint import load_checkpoint
 from mm.cli import main
 from train.config import load_train_config
-from train.evaluate import evaluate, read_samples
+from train.data.shards import write_synthetic
+from train.eval.scorer import read_samples, score_captions
 from train.finetune import set_stage
 from train.lora import apply_lora
-from train.shards import write_synthetic
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "shapes-tiny-lora-count.json"
 KNOWN = ["caption", "describe", "caption_zh", "describe_zh"]
@@ -31,7 +31,7 @@ def test_lora_teaches_the_bundled_model_to_count(tmp_path):
     assert rc == 0
     cap = Captioner.from_pretrained(tmp_path / "export")
     tasks = KNOWN + ["count", "count_zh"]
-    scores = evaluate(cap, read_samples(str(data / "test-000000.tar"), 0, tasks), tasks, spec_samples=0)
+    scores = score_captions(cap, read_samples(str(data / "test-000000.tar"), 0, tasks), tasks, spec_samples=0)
     exact = {t: scores[t]["exact_match"] for t in tasks}
     assert all(exact[t] >= 0.95 for t in ("count", "count_zh")), exact
     assert all(exact[t] >= 0.99 for t in KNOWN), exact

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from train import scenes
-from train.metrics import caption_scores, scene_attribute_accuracy, tokenize
+from train.data import scenes
+from train.eval.caption_metrics import caption_scores, scene_attribute_accuracy, tokenize
 
 
 def _sample(n=6, seed=0):

@@ -1,7 +1,7 @@
 """Pipeline parallelism: the stages reproduce the model's loss and gradients, a 2-rank
 pipeline (every schedule: GPipe, 1F1B, interleaved 1F1B, ZB-V, DualPipeV) and a 2x2
 pipeline x data run take the same steps as the single-process trainer, checkpoints move
-both ways between pipelined and plain runs, and `trainer.train` dispatches to the pipeline."""
+both ways between pipelined and plain runs, and `trainer.train` runs a pipeline in its one loop."""
 
 import json
 import os
@@ -13,16 +13,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lm.loss import IGNORE_INDEX
 from mm.checkpoint import load_checkpoint
 from mm.config import VisionConfig
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
-from train import dist as D
 from train import trainer as T
-from train.checkpoints import load_train_state
+from train.checkpoints import load_train_state, save
 from train.config import OptimConfig, ParallelConfig, TrainConfig
-from train.metrics_log import RunLog
-from train.pipeline_stages import SCHEDULES, MicrobatchLoss, RankParts, Stage, rank_stages, split_layers
+from train.parallel import dist as D
+from train.parallel.data_parallel import DataParallel
+from train.parallel.stages import SCHEDULES, MicrobatchLoss, RankParts, Stage, rank_stages, split_layers
+from train.runlog import RunLog
+from train.state import RunState
 
 sys.path.append(str(Path(__file__).resolve().parents[1]))  # for conftest helpers
 from conftest import micro_config  # noqa: E402
@@ -51,7 +54,7 @@ def make_batches(tok: Tokenizer, n: int, batch_size: int, n_image: int, seed: in
                 for _ in range(batch_size)]
         t = max(len(ids) for ids, _ in rows)
         ids = torch.full((batch_size, t), tok.pad_id)
-        labels = torch.full((batch_size, t), -100)
+        labels = torch.full((batch_size, t), IGNORE_INDEX)
         for i, (x, y) in enumerate(rows):
             ids[i, :len(x)], labels[i, :len(y)] = torch.tensor(x), torch.tensor(y)
         out.append({"images": torch.randn(batch_size, 3, 64, 64, generator=g), "input_ids": ids,
@@ -90,7 +93,7 @@ def test_uneven_layer_split_names_the_numbers():
 
 def test_unsupported_pipeline_settings_are_config_errors(tmp_path):
     from lm.config import ConfigError
-    from train.pipeline import check_supported
+    from train.parallel.pipeline import check_supported
 
     cfg = tiny_cfg(tmp_path, stages=2, microbatches=4)
     check_supported(cfg)
@@ -121,7 +124,7 @@ def test_stages_reproduce_the_model_loss_and_gradients(tmp_path, tok, mtp_depths
         for stage in stages:
             x = stage(*x, attention_mask=part["attention_mask"])
         loss_fn(x, part["labels"]).backward()
-    main, mtp, aux = loss_fn.totals(2)
+    _, main, mtp, aux = loss_fn.totals(2)
     for got, expected in [(main, ref.main), (mtp, ref.mtp), (aux, ref.aux)]:
         assert abs(float(got) - float(expected.detach())) < 1e-5, (got, expected)
     assert float(aux) > 0 and float(mtp) > 0  # both extra terms are really exercised
@@ -143,13 +146,13 @@ def reference_run(cfg, tok, batches, steps, replicas=1, save_at=None) -> list[di
     torch.manual_seed(0)
     model = CaptionModel(cfg.model, image_token_id=tok.image_id)
     cfg = cfg.replace(optim=cfg.optim.replace(grad_accum=replicas))
+    par = DataParallel(model, cfg, D.DistInfo())
     opt, sched = T.build_optimizer(model, cfg)
     stream, out = FixedStream(batches), []
     for step in range(1, steps + 1):
-        out.append(T.train_step(model, opt, sched, stream, cfg, D.DistInfo()))
+        out.append(T.train_step(par, opt, sched, stream, cfg))
         if step == save_at:
-            state = {"step": step, "data": {"epoch": 0, "batch": step}, "bad_steps": 0, "skipped": 0}
-            T.save(model, tok, opt, sched, state, cfg, D.DistInfo(), RunLog(Path(cfg.out_dir), False))
+            save(par, tok, opt, sched, RunState(step=step, data={"epoch": 0, "batch": step}), cfg)
     return out
 
 
@@ -162,9 +165,11 @@ helpers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(helpers)
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
-from train import dist as D, pipeline as P, pipeline_checkpoint as C, trainer as T
+from train import trainer as T
+from train.checkpoints import load_train_state, save
 from train.config import TrainConfig
-from train.metrics_log import RunLog
+from train.parallel import dist as D, pipeline as P
+from train.state import RunState
 args = json.loads(Path(sys.argv[2]).read_text())
 info = D.setup()
 tok = Tokenizer.from_file(args["tokenizer"])
@@ -181,7 +186,7 @@ class Stream:  # replica r of R takes batches r, R + r, 2R + r, ...
 
 def build(cfg, seed):
     torch.manual_seed(seed)
-    pipe = P.Pipeline(CaptionModel(cfg.model, image_token_id=tok.image_id), cfg, grid)
+    pipe = P.PipelineParallel(CaptionModel(cfg.model, image_token_id=tok.image_id), cfg, grid)
     return (pipe, *T.build_optimizer(pipe.parts, cfg))
 
 results = {}
@@ -190,16 +195,15 @@ for schedule in args["schedules"]:
     pipe, opt, sched = build(cfg, 0)
     stream, steps = Stream(0), []
     for step in range(1, args["steps"] + 1):
-        stats = P.train_step(pipe, opt, sched, stream, cfg)
+        stats = T.train_step(pipe, opt, sched, stream, cfg)
         steps.append(dict(stats, load=stats["load"].tolist()))
         if step == args["save_at"]:
-            state = {"step": step, "data": {"epoch": 0, "batch": step}, "bad_steps": 0, "skipped": 0}
-            C.save(pipe, tok, opt, sched, state, cfg, RunLog(Path(cfg.out_dir), False))
+            save(pipe, tok, opt, sched, RunState(step=step, data={"epoch": 0, "batch": step}), cfg)
     resumed = None
     if args.get("resume_from"):  # a plain trainer checkpoint into a differently seeded pipeline
         pipe, opt, sched = build(cfg, 123)
-        state = C.load(pipe, args["resume_from"], opt, sched)
-        resumed = P.train_step(pipe, opt, sched, Stream(state["step"] * grid.dp_size), cfg)
+        state = load_train_state(args["resume_from"], pipe, opt, sched)
+        resumed = T.train_step(pipe, opt, sched, Stream(state.step * grid.dp_size), cfg)
         resumed["load"] = resumed["load"].tolist()
     results[schedule] = {"steps": steps, "resumed": resumed}
 if info.is_main:
@@ -251,9 +255,10 @@ def test_two_rank_pipelines_match_single_process_and_checkpoints_interchange(tmp
         ckpt = tmp_path / schedule / "checkpoints" / "step-00000002"
         model, _ = load_checkpoint(ckpt)
         model.train()
+        par = DataParallel(model, cfg, D.DistInfo())
         opt, sched = T.build_optimizer(model, cfg)
-        load_train_state(ckpt, model, opt, sched, D.DistInfo())
-        step3 = T.train_step(model, opt, sched, FixedStream(batches, start=2), cfg, D.DistInfo())
+        load_train_state(ckpt, par, opt, sched)
+        step3 = T.train_step(par, opt, sched, FixedStream(batches, start=2), cfg)
         assert_same_steps([step3], want[2:3])
         saved, plain = load_file(str(ckpt / "model.safetensors")), load_file(str(ref_ckpt / "model.safetensors"))
         assert saved.keys() == plain.keys()
@@ -274,8 +279,9 @@ import importlib.util, sys
 spec = importlib.util.spec_from_file_location("helpers", sys.argv[1])
 helpers = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(helpers)
-from train import dist as D, trainer as T
+from train import trainer as T
 from train.config import ParallelConfig
+from train.parallel import dist as D
 cfg = helpers.micro_train_config({"train": sys.argv[2], "test": sys.argv[2]}, sys.argv[3])
 cfg = cfg.replace(model=helpers.micro_config(num_hidden_layers=2), eval_every=4, eval_batches=2, log_every=2,
                   save_every=4, pipeline=ParallelConfig(stages=2, schedule="gpipe", microbatches=2))
@@ -286,7 +292,7 @@ D.teardown()
 """
 
 
-def test_trainer_dispatches_to_the_pipeline_and_resumes(tmp_path, synth_shards):
+def test_trainer_runs_the_pipeline_and_resumes(tmp_path, synth_shards):
     script = tmp_path / "train_run.py"
     script.write_text(TRAIN_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")

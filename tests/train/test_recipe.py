@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from train.config import load_train_config
-from train.shards import write_synthetic
+from train.data.shards import write_synthetic
 from train.trainer import train
 
 RECIPE = Path(__file__).resolve().parents[2] / "configs" / "shapes-tiny.json"

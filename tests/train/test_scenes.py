@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from train import scenes
-from train.scenes import Scene, SceneObject
+from train.data import scenes
+from train.data.scenes import Scene, SceneObject
 
 
 def _scenes(n, split="train", seed=0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train import scenes, shards
+from train.data import scenes, shards
 
 
 def _read_tar(path):

@@ -11,7 +11,7 @@ from lm.config import ConfigError
 from train import trainer as T
 from train import vision_warmup as W
 from train.config import VisionWarmupConfig
-from train.scenes import render, sample_rng, sample_scene
+from train.data.scenes import render, sample_rng, sample_scene
 from vision.encoder import VisionEncoder
 from vision.preprocess import build_transform
 

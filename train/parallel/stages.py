@@ -15,20 +15,16 @@ Stages hold the CaptionModel's own submodules, not copies. `RankParts` collects 
 one rank under the CaptionModel's names (`lm.layers.5.attn...`), so its state dict is a
 slice of the full one and checkpoints move freely between pipelined and plain runs.
 
-Normalisation: `CaptionModel.loss` is a mean over the caption tokens of the whole batch
-(each MTP depth over its own targets) plus a balance loss averaged over sequences.
-`MicrobatchLoss` divides a microbatch's summed cross-entropy by the whole batch's token
-counts and weights its balance loss by its share of the sequences, so the microbatch
-losses add up to the full-batch loss and the schedule must not rescale gradients.
-BatchNorm (if the encoder has any) is the exception: it normalises over a microbatch.
+The first stage splices the image tokens with the model's own `mm.model.splice`, and the
+last stage's loss is the model's own `mm.model.caption_loss`, given the whole batch's target
+counts and the microbatch's share of the sequences: the microbatch losses add up to
+`CaptionModel.loss` of the batch, and the schedule must not rescale gradients. BatchNorm
+(if the encoder has any) is the exception: it normalises over a microbatch.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.pipelining import (
     Schedule1F1B,
@@ -40,9 +36,7 @@ from torch.distributed.pipelining import (
 
 import lm
 from lm.model import positions_and_mask
-
-if TYPE_CHECKING:  # the model is only passed in; importing it would pull in timm
-    from mm.model import CaptionModel
+from mm.model import CaptionModel, caption_loss, splice, trains_mtp
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved1f1b": ScheduleInterleaved1F1B,
              "zbv": ScheduleZBVZeroBubble, "dualpipev": ScheduleDualPipeV}
@@ -77,10 +71,6 @@ def split_layers(num_layers: int, pp_size: int, schedule: str) -> list[range]:
     return [range(i * per, (i + 1) * per) for i in range(n)]
 
 
-def carries_embeds(cfg: lm.LMConfig) -> bool:
-    return cfg.num_nextn_predict_layers > 0 and cfg.mtp_lambda > 0
-
-
 class Stage(nn.Module):
     """One pipeline stage of a CaptionModel. Inputs: (images, input_ids) on stage 0, else
     (h, [embeds], aux); outputs (h, [embeds], aux), on the last stage (logits, *mtp_logits, aux)."""
@@ -95,7 +85,7 @@ class Stage(nn.Module):
         super().__init__()
         self.first, self.last, self.autocast = first, last, autocast
         self.cfg = model.cfg.lm
-        self.carry = carries_embeds(model.cfg.lm)
+        self.carry = trains_mtp(model.cfg.lm)
         self.layers = nn.ModuleList(model.lm.layers[i] for i in layers)
         self.rope = model.lm.rope
         if first:
@@ -109,7 +99,8 @@ class Stage(nn.Module):
         with torch.autocast(attention_mask.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             if self.first:
                 images, input_ids = inputs
-                h = embeds = self.splice(input_ids, self.projector(self.vision(images)))
+                h = embeds = splice(self.embed(input_ids), input_ids, self.projector(self.vision(images)),
+                                    self.image_token_id)
                 aux = h.new_zeros(1, dtype=torch.float32)
             else:
                 h, embeds, aux = inputs if self.carry else (inputs[0], None, inputs[1])
@@ -125,15 +116,6 @@ class Stage(nn.Module):
                 return (h, embeds, aux) if self.carry else (h, aux)
             mtp = self.mtp_logits(h, embeds, attention_mask) if self.carry else []
             return (self.head(self.norm(h)), *mtp, aux)
-
-    def splice(self, input_ids: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
-        """CaptionModel.embed: every `<image>` position takes the next image token, in order."""
-        is_image = input_ids == self.image_token_id
-        if int(is_image.sum()) != image_embeds.shape[0] * image_embeds.shape[1]:
-            raise ValueError(f"the microbatch holds {int(is_image.sum())} <image> tokens but the encoder "
-                             f"produced {image_embeds.shape[0]} x {image_embeds.shape[1]}")
-        embeds = self.embed(input_ids)
-        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
 
 class RankParts(nn.Module):
@@ -153,41 +135,29 @@ class RankParts(nn.Module):
 
 
 class MicrobatchLoss:
-    """The schedule's loss_fn: per-microbatch terms that sum to CaptionModel.loss of the batch.
+    """The schedule's loss_fn: `caption_loss` of each microbatch, normalised by the whole batch.
 
     `start(labels)` must see the whole batch's labels before the schedule runs; `totals(n)`
-    returns the (main, mtp, aux) sums of the last n microbatches (the schedule may call the
-    loss once more when it first infers the stage shapes).
+    returns the (loss, main, mtp, aux) sums of the last n microbatches (the schedule may call
+    the loss once more when it first infers the stage shapes).
     """
 
     def __init__(self, cfg: lm.LMConfig):
-        self.depth = cfg.mtp_loss_depths if carries_embeds(cfg) else 0
+        self.depths = cfg.mtp_loss_depths if trains_mtp(cfg) else 0
         self.mtp_lambda = cfg.mtp_lambda
         self.records: list[torch.Tensor] = []
         self.scale = 1.0
 
     def start(self, labels: torch.Tensor, scale: float = 1.0) -> None:
         self.batch, self.scale, self.records = labels.shape[0], scale, []
-        # targets of the main loss (k = 0) and of MTP depth k: labels shifted by k + 1
-        self.counts = [(labels[:, k + 1:] != -100).sum().clamp(min=1) for k in range(self.depth + 1)]
+        self.counts = lm.target_counts(labels, self.depths)
 
     def __call__(self, output: tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
         logits, *mtp_logits, aux = output
-        t = labels.shape[1]
-        main = self._ce(logits[:, :-1], labels[:, 1:]) / self.counts[0]
-        mtp = main.new_zeros(())
-        for k, depth_logits in enumerate(mtp_logits, start=1):
-            n = max(t - k - 1, 0)  # the last entry's target lies past the sequence
-            mtp = mtp + self._ce(depth_logits[:, :n], labels[:, k + 1:]) / self.counts[k]
-        if mtp_logits:
-            mtp = mtp * (self.mtp_lambda / len(mtp_logits))
-        aux = aux.sum() * (labels.shape[0] / self.batch)
-        self.records.append(torch.stack([main, mtp, aux.to(main.dtype)]).detach())
-        return (main + mtp + aux) * self.scale
-
-    @staticmethod
-    def _ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+        out = caption_loss(logits, mtp_logits, aux, labels, self.mtp_lambda, self.counts,
+                           share=labels.shape[0] / self.batch)
+        self.records.append(torch.stack([out.loss, out.main, out.mtp, out.aux]).detach())
+        return out.loss * self.scale
 
     def totals(self, n: int) -> torch.Tensor:
         if len(self.records) < n:

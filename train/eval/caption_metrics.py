@@ -10,7 +10,7 @@ itself, so it is only meaningful over a corpus of several images: with a single
 image every n-gram has idf 0 and CIDEr is 0.
 
 `scene_attribute_accuracy` reads the synthetic scenes' texts back with
-`train.scenes.parse_caption` and scores each attribute separately, which says
+`train.data.scenes.parse_caption` and scores each attribute separately, which says
 *what* a model gets wrong (shape, size, ...) where exact match only says that
 it is wrong.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import re
 
-from train.scenes import Scene, parse_caption
+from train.data.scenes import Scene, parse_caption
 
 _CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+(?:'[^\\W_{_CJK}]+)*")  # one CJK char, or a word (don't, 3d)

@@ -48,21 +48,11 @@ def teardown():
         dist.destroy_process_group()
 
 
-def all_true(flag: bool, info: DistInfo) -> bool:
-    """True only if `flag` holds on every rank (so all ranks skip a bad step together)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
-def mean_over_ranks(value: float, info: DistInfo) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+def sum_over_ranks(t: torch.Tensor, info: DistInfo, group=None) -> torch.Tensor:
+    """`t` summed over the ranks of `group` (default: all), in place; unchanged in a single process."""
+    if info.enabled:
+        dist.all_reduce(t, group=group)
+    return t
 
 
 def barrier(info: DistInfo):
@@ -87,7 +77,7 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
     from lm.moe import MoE
 
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    # Each rank's MoE load counters must stay its own (update_router_bias all-reduces them),
+    # Each rank's MoE load counters must stay its own (train/parallel/router.py sums them),
     # so DDP must not overwrite them with rank 0's at every forward as it does other buffers
     # (BatchNorm statistics, which should stay in step across ranks).
     counters = [f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, MoE)
@@ -95,6 +85,3 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
     DDP._set_params_and_buffers_to_ignore_for_model(model, counters)
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)

@@ -26,12 +26,14 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
+from pathlib import Path
 
 import webdataset as wds
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from train import scenes
+from lm.hf import atomic_file
+from train.data import scenes
 
 _EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # kept as they are; others become png
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -43,12 +45,16 @@ def shard_name(prefix: str, index: int) -> str:
 
 def _write_tar(path: str, samples: Iterable[dict]) -> int:
     """Write samples to `path` atomically; mtime 0 and a fixed owner make the bytes reproducible."""
-    tmp, count = path + ".tmp", 0
-    with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="mm", group="mm") as tar:
-        for sample in samples:
-            tar.write(sample)
-            count += 1
-    os.replace(tmp, path)
+    count = 0
+
+    def write(tmp: str):
+        nonlocal count
+        with open(tmp, "wb") as f, wds.TarWriter(f, encoder=False, mtime=0, user="mm", group="mm") as tar:
+            for sample in samples:
+                tar.write(sample)
+                count += 1
+
+    atomic_file(path, write)
     return count
 
 
@@ -61,9 +67,8 @@ def _update_sizes(out: str, prefix: str, sizes: dict[str, int]) -> None:
             merged = json.load(f)
     own = re.compile(re.escape(prefix) + r"-\d{6}\.tar")
     merged = {k: v for k, v in merged.items() if not own.fullmatch(k)} | sizes
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(dict(sorted(merged.items())), f, indent=1)
-    os.replace(path + ".tmp", path)
+    text = json.dumps(dict(sorted(merged.items())), indent=1)
+    atomic_file(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- synthetic scenes

@@ -1,4 +1,5 @@
-"""Run logging: JSONL metrics, a PNG of the loss curves, optional TensorBoard.
+"""The run log: one record per log interval (`log_record`), JSONL metrics, a PNG of the loss
+curves, optional TensorBoard. (Caption scores are train/eval/caption_metrics.py.)
 
 Only rank 0 logs. The JSONL file is appended line by line, so a run that stops
 keeps everything it logged, and a resumed run continues the same file: first it drops
@@ -9,8 +10,34 @@ cut short by a kill, so no step appears twice.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+import torch
+
+import lm
+from lm.hf import atomic_file
+
+
+def log_record(state, seconds: float, lr: float, data_errors, world_size: int) -> dict:
+    """The record of the steps in `state.log_window` (RunState): losses and gradient norm averaged over
+    the steps that were not skipped, throughput over all of them and every data replica, expert balance."""
+    window = state.log_window
+    done = [w for w in window if not w["skipped"]] or window
+    n = len(done)
+    rec = {"step": state.step, "lr": lr}
+    for k in ("loss_main", "loss_mtp", "loss_aux"):
+        rec[k] = sum(w[k] for w in done) / n
+    rec["grad_norm"] = sum(w.get("grad_norm", 0.0) for w in done) / n
+    rec["tokens_per_s"] = sum(w["tokens"] for w in window) * world_size / max(seconds, 1e-9)
+    rec["images_per_s"] = sum(w["images"] for w in window) * world_size / max(seconds, 1e-9)
+    loads = [w["load"] for w in done if w.get("load") is not None]
+    if loads:  # balance over the whole interval (several batches and tasks), per MoE layer
+        rec["expert_load_max_over_mean"] = lm.max_over_mean(torch.stack([x.cpu() for x in loads]).sum(0))
+        rec["expert_load_last_step"] = done[-1]["load_max_over_mean"]
+    rec["skipped_steps"] = state.skipped
+    rec["data_errors"] = data_errors.total
+    rec["data_errors_by_reason"] = dict(data_errors.counts)
+    return rec
 
 
 def _parse(line: str) -> dict | None:
@@ -52,9 +79,8 @@ class RunLog:
         if not self.enabled or not self.path.exists():
             return
         kept = [r for r in self.records() if isinstance(r.get("step"), int) and r["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_file(self.path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def plot(self, png: Path):
         """Loss curves (main, MTP, validation) against the step."""

@@ -23,7 +23,7 @@ switches the converted modules back to plain precision, e.g. for evaluation. Oth
 as `.original`, which is followed here; a layer already carrying forward hooks is not swapped,
 since the new module would not have them.
 Quantisation and the two backends (emulate on CPU, scaled_mm on FP8 GPUs) live in
-train/fp8_quant.py.
+train/fp8/quant.py.
 """
 
 from __future__ import annotations
@@ -37,17 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from train.fp8_quant import (  # noqa: F401  (re-exported: fp8.quantize_tiles etc.)
-    BACKENDS,
-    E4M3_MAX,
-    TILE,
-    dequantize_blocks,
-    dequantize_tiles,
-    fp8_matmul_nt,
-    quantize_blocks,
-    quantize_tiles,
-    sqnr_db,
-)
+from train.fp8.quant import BACKENDS, TILE, fp8_matmul_nt
 
 SKIP_SUFFIXES = ("embed", "head", "gate")  # embedding, output head, MoE router
 

@@ -1,7 +1,7 @@
 """`mm calibrate`: fit a checkpoint's image-familiarity statistics and its confidence threshold.
 
 1. Fit: the mean-pooled encoder features of `--fit` training-like images, each drawn
-   through the training augmentation (train/augment.py), give the Gaussian whose
+   through the training augmentation (train/data/augment.py), give the Gaussian whose
    Mahalanobis distance scores familiarity (mm/confidence.py).
 2. Thresholds: held-out images, each under every change evaluation reports (CHANGES:
    JPEG, rescale, noise, shift, canvas), are captioned with every task; a task's threshold
@@ -101,13 +101,13 @@ def views(img: Image.Image, crops: int, rng: random.Random) -> list[Image.Image]
 def in_world(args, start: int, n: int, split: str) -> list[Image.Image]:
     """n in-world images: shard samples start..start+n-1, or synthetic scenes of `split`."""
     if args.data:
-        from train.evaluate import read_samples
+        from train.eval.scorer import read_samples
 
         samples = read_samples(args.data, start + n)[start:]
         if len(samples) < n:
             raise ValueError(f"{args.data} holds {start + len(samples)} usable samples; calibration needs {start + n}")
         return [s["image"] for s in samples]
-    from train.scenes import render, sample_rng, sample_scene
+    from train.data.scenes import render, sample_rng, sample_scene
 
     return [render(sample_scene(sample_rng(split, args.seed, start + i))) for i in range(n)]
 
@@ -121,19 +121,16 @@ def pooled_features(cap, images: list[Image.Image], batch_size: int) -> torch.Te
 
 def confidences(cap, images: list[Image.Image], tasks: list[str], batch_size: int, desc: str) -> dict:
     """{task: confidences [len(images)]} (the captions themselves are not needed here)."""
-    out = {}
-    for task in tasks:
-        out[task] = []
-        for i in tqdm(range(0, len(images), batch_size), desc=f"{desc} {task}", file=sys.stderr, leave=False):
-            out[task] += cap.run(images[i : i + batch_size], task=task, speculative=False).confidence
-    return {task: np.asarray(v) for task, v in out.items()}
+    from train.eval.scorer import caption_batches
+
+    return {t: np.asarray(caption_batches(cap, images, t, batch_size, desc=f"{desc} {t}")[1]) for t in tasks}
 
 
 def calibrate(cap, args, say=print):
     """Fit, threshold and check (module docstring); returns the Calibration, already set on cap.model."""
     from mm.confidence import Calibration, fit
-    from train.augment import CHANGES, Augment
     from train.config import AugmentConfig
+    from train.data.augment import CHANGES, Augment
 
     rng = random.Random(args.seed)
     augment = Augment(AugmentConfig(enabled=True))

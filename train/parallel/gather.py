@@ -1,39 +1,22 @@
-"""Checkpoints of a pipelined run, in the trainer's own format.
+"""A pipelined run's optimiser and scheduler state, by parameter name, for the one checkpoint format.
 
 A pipeline rank holds a slice of the model and an optimiser over that slice only. To
 save, the ranks of the first data-parallel replica send rank 0 their weights and their
 optimiser state keyed by parameter *name*; rank 0 assembles the state dict of the whole
-CaptionModel and the optimiser state in the layout the unpipelined trainer's AdamW
-would have (its parameter groups, in `trainer.param_groups` order), and writes it with
-`trainer.save`. Loading is the reverse: each rank takes its tensors and its parameters'
+CaptionModel and the optimiser state in the layout the unpipelined AdamW would have (its
+parameter groups, in `train.optim.param_groups` order), and train/checkpoints.py writes
+it like any other. Loading is the reverse: each rank takes its tensors and its parameters'
 optimiser entries by name. So the pipeline layout (stages, schedule, replicas) may
-change between save and resume, and plain trainer checkpoints and pipelined ones are
+change between save and resume, and plain checkpoints and pipelined ones are
 interchangeable. The cost is one gather of weights + optimiser state per save on rank
-0, as the trainer's FSDP path does.
+0, as the FSDP path has.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch.distributed as dist
-
-from mm.checkpoint import CheckpointError, load_state_strict
-from train import dist as D
-from train import trainer as T
-from train.checkpoints import STATE_FILE, apply_state, read_train_state, restore_rng, run_state
+from lm.config import CheckpointError
 
 PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")  # LR-scheduler entries that hold one value per group
-
-
-class _Gathered:
-    """What trainer.save reads of a model or optimiser: `cfg` and a state dict."""
-
-    def __init__(self, cfg, state: dict):
-        self.cfg, self._state = cfg, state
-
-    def state_dict(self) -> dict:
-        return self._state
 
 
 def _param_names(opt, parts) -> list[str]:
@@ -99,34 +82,3 @@ def full_sched_state(pieces: list[dict], full_groups: list[list[str]]) -> dict:
 def load_sched_state(sched, opt, parts, saved: dict, full_groups: list[list[str]]) -> None:
     mine = _full_group_index(named_optim_state(opt, parts)["groups"], full_groups)
     sched.load_state_dict({k: [v[i] for i in mine] if k in PER_GROUP else v for k, v in saved.items()})
-
-
-def save(pipe, tokenizer, opt, sched, state: dict, cfg, runlog) -> Path:
-    """Gather to rank 0 and write `out_dir/checkpoints/step-N` like trainer.save; returns its path."""
-    grid = pipe.grid
-    if grid.dp_rank == 0:
-        mine = {"weights": {k: v.detach().cpu() for k, v in pipe.parts.state_dict().items()},
-                "optim": named_optim_state(opt, pipe.parts), "sched": sched.state_dict()}
-        pieces = [None] * grid.pp_size if grid.info.is_main else None
-        dist.gather_object(mine, pieces, group=grid.pp_group, group_dst=0)
-    if grid.info.is_main:
-        weights = {k: v for piece in pieces for k, v in piece["weights"].items()}
-        optim = full_optim_state([p["optim"] for p in pieces], pipe.full_groups)
-        # rank 0 writes alone, so it saves as a single process (no barrier inside)
-        full_sched = _Gathered(None, full_sched_state(pieces, pipe.full_groups))
-        T.save(_Gathered(pipe.parts.cfg, weights), tokenizer, _Gathered(None, optim), full_sched, state, cfg,
-               D.DistInfo(device=grid.info.device), runlog)
-    D.barrier(grid.info)
-    return Path(cfg.out_dir) / "checkpoints" / f"step-{state['step']:08d}"
-
-
-def load(pipe, path, opt, sched) -> dict:
-    """Restore this rank's weights and optimiser share, the scheduler and RNG; returns the run state."""
-    path = Path(path)
-    weights, blob = read_train_state(path)  # read whole first: a damaged checkpoint changes nothing
-    own = pipe.parts.state_dict()
-    load_state_strict(pipe.parts, {k: v for k, v in weights.items() if k in own}, str(path / "model.safetensors"))
-    load_optim_state(opt, pipe.parts, blob["optimizer"], pipe.full_groups, str(path / STATE_FILE))
-    apply_state(path, lambda: load_sched_state(sched, opt, pipe.parts, blob["scheduler"], pipe.full_groups))
-    apply_state(path, lambda: restore_rng(blob))
-    return run_state(blob)

@@ -14,31 +14,21 @@ from __future__ import annotations
 
 from collections import Counter
 
-from mm.samples import BadSample, DataErrors, expand_urls, sample_texts, shard_samples
-from train.augment import Augment
+from mm.samples import DataErrors, good_samples, sample_texts
 from train.config import TrainConfig
-from train.data import dataset_size, make_loader
+from train.data.augment import Augment
+from train.data.reader import dataset_size, make_loader
 
 
 def read_texts(urls: str, tasks: list[str], limit: int, errors: DataErrors | None = None) -> list[str]:
     """Up to `limit` texts (every task a sample has, in task order) for the tokenizer, by the readers'
     text and shard rules (images are not decoded); what is skipped is counted in `errors`."""
-    errors = DataErrors() if errors is None else errors
     texts: list[str] = []
-    for url in expand_urls(split_urls(urls)):  # one process reads every shard, also under torchrun
-        for sample in shard_samples(url, errors):
-            try:
-                texts += sample_texts(sample, tasks).values()
-            except BadSample as e:
-                errors.add(e.reason, url, sample.get("__key__", "?"), e.detail)
-            if len(texts) >= limit:
-                return texts[:limit]
+    for found in good_samples(urls, DataErrors() if errors is None else errors, lambda s: sample_texts(s, tasks)):
+        texts += found.values()
+        if len(texts) >= limit:
+            return texts[:limit]
     return texts
-
-
-def split_urls(urls: str) -> list[str] | str:
-    """`a::b` lists several shard specs (open_clip's convention)."""
-    return urls.split("::") if "::" in urls else urls
 
 
 class DataStream:
@@ -47,7 +37,7 @@ class DataStream:
                  num_workers: int | None = None, augment: bool = False):
         if not urls:
             raise ValueError("no training shards given: set data.train (e.g. 'data/train-{000000..000009}.tar')")
-        self.cfg, self.urls, self.info, self.transform = cfg, split_urls(urls), info, transform
+        self.cfg, self.urls, self.info, self.transform = cfg, urls, info, transform
         self.augment = Augment(cfg.augment) if augment and cfg.augment.enabled else None  # training data only
         self.resampled = cfg.data.resampled if resampled is None else resampled
         self.num_workers = cfg.data.num_workers if num_workers is None else num_workers

@@ -5,7 +5,7 @@ for the synthetic scenes also per-attribute accuracy (count, colour, shape, size
 place), the MTP draft acceptance of self-speculative decoding, and the distribution
 of the captions' confidence (mm/confidence.py) with the share flagged as unfamiliar.
 `--changes` scores exact match and confidence again with each image changed the way
-real images are (`train/augment.py` CHANGES: JPEG, rescale, noise, shift, non-square
+real images are (`train/data/augment.py` CHANGES: JPEG, rescale, noise, shift, non-square
 canvas). Results go to a JSON file and tables on stdout.
 """
 
@@ -15,19 +15,12 @@ import argparse
 import json
 import sys
 import time
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
 
-from mm.samples import (
-    BadSample,
-    DataErrors,
-    expand_urls,
-    sample_image,
-    sample_json,
-    sample_texts,
-    shard_samples,
-)
+from mm.samples import TASKS, DataErrors, good_samples, sample_image, sample_json, sample_texts
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -41,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--spec-samples", type=int, default=100,
                    help="images per task decoded with MTP speculation to measure draft acceptance (0 = skip)")
     p.add_argument("--changes", nargs="*", default=None, metavar="CHANGE",
-                   help="also score under image changes: names from train/augment.py CHANGES, or none "
+                   help="also score under image changes: names from train/data/augment.py CHANGES, or none "
                         "given = all of them")
     p.add_argument("--changes-limit", type=int, default=200, help="samples scored per change (0 = all)")
 
@@ -50,35 +43,23 @@ def read_samples(urls: str, limit: int = 0, tasks: list[str] | None = None,
                  errors: DataErrors | None = None) -> list[dict]:
     """Decoded samples: {'key', 'image' (PIL), 'texts' {task: text}, 'scene' (dict or None)}, read by the
     same skip-and-count rules as training (`mm/samples.py`); what is skipped is counted in `errors`."""
-    from train.scenes import TASKS
-    from train.stream import split_urls
 
-    errors = DataErrors() if errors is None else errors
-    out = []
-    for url in expand_urls(split_urls(urls)):
-        for s in shard_samples(url, errors):
-            try:
-                meta = sample_json(s)
-                texts = sample_texts(s, tasks or TASKS, meta)
-                image = sample_image(s)
-            except BadSample as e:
-                errors.add(e.reason, url, s.get("__key__", "?"), e.detail)
-                continue
-            out.append({"key": s["__key__"], "image": image, "texts": texts, "scene": meta.get("scene")})
-            if limit and len(out) >= limit:
-                return out
-    return out
+    def parse(s: dict) -> dict:
+        meta = sample_json(s)
+        texts = sample_texts(s, tasks or TASKS, meta)
+        return {"key": s["__key__"], "image": sample_image(s), "texts": texts, "scene": meta.get("scene")}
+
+    return list(islice(good_samples(urls, DataErrors() if errors is None else errors, parse), limit or None))
 
 
-def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, spec_samples: int = 100) -> dict:
+def score_captions(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, spec_samples: int = 100) -> dict:
     """Scores from batched greedy decoding; speculation (whose output is the same) runs one
     image at a time, so it is measured on the first `spec_samples` images of each task."""
     import torch
 
     import lm
     from mm.generate import GenerationConfig, GenerationStats
-    from train.metrics import caption_scores, scene_attribute_accuracy
-    from train.scenes import TASKS as SCENE_TASKS
+    from train.eval.caption_metrics import caption_scores, scene_attribute_accuracy
 
     results, routing = {}, GenerationStats()
     for task in tasks:
@@ -86,14 +67,14 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
         if not rows:
             continue
         t0, stats = time.perf_counter(), None
-        preds, confidence = _caption(cap, [r["image"] for r in rows], task, batch_size, routing)
+        preds, confidence = caption_batches(cap, [r["image"] for r in rows], task, batch_size, routing)
         if spec_samples:
             spec = cap.run([r["image"] for r in rows[:spec_samples]], task=task, speculative=True)
             stats = spec.stats
             agree = sum(a == b for a, b in zip(spec.texts, preds))
         refs = [[r["texts"][task]] for r in rows]
         scores = caption_scores(preds, refs)
-        if task in SCENE_TASKS and all(r["scene"] for r in rows):  # the grammar's tasks parse back
+        if task in TASKS and all(r["scene"] for r in rows):  # the grammar's tasks parse back
             scores["attributes"] = scene_attribute_accuracy(preds, [r["scene"] for r in rows], task)
         scores["n"] = len(rows)
         scores["confidence"] = confidence_summary(cap, confidence, task)
@@ -114,8 +95,8 @@ def evaluate(cap, samples: list[dict], tasks: list[str], batch_size: int = 32, s
     return results
 
 
-def _caption(cap, images, task: str, batch_size: int, routing=None, desc: str = "") -> tuple[list, list]:
-    """Greedy captions and their confidences, in batches."""
+def caption_batches(cap, images, task: str, batch_size: int, routing=None, desc: str = "") -> tuple[list, list]:
+    """Greedy captions and their confidences, in batches (`routing` gathers the expert load)."""
     texts, confidence = [], []
     for i in tqdm(range(0, len(images), batch_size), desc=f"eval {desc or task}", file=sys.stderr, leave=False):
         res = cap.run(images[i : i + batch_size], task=task, speculative=False)
@@ -137,9 +118,9 @@ def confidence_summary(cap, confidence: list[float], task: str) -> dict:
     return out
 
 
-def evaluate_changes(cap, samples: list[dict], tasks: list[str], changes: list[str], batch_size: int = 32) -> dict:
+def score_changes(cap, samples: list[dict], tasks: list[str], changes: list[str], batch_size: int = 32) -> dict:
     """{change: {task: {exact_match, confidence}}} with every image changed by CHANGES[change]."""
-    from train.augment import CHANGES
+    from train.data.augment import CHANGES
 
     out = {}
     for name in changes:
@@ -147,7 +128,7 @@ def evaluate_changes(cap, samples: list[dict], tasks: list[str], changes: list[s
         out[name] = {}
         for task in tasks:
             keep = [i for i, s in enumerate(samples) if task in s["texts"]]
-            preds, confidence = _caption(cap, [images[i] for i in keep], task, batch_size, desc=f"{name} {task}")
+            preds, confidence = caption_batches(cap, [images[i] for i in keep], task, batch_size, desc=f"{name} {task}")
             exact = sum(p == samples[i]["texts"][task] for p, i in zip(preds, keep)) / max(1, len(keep))
             out[name][task] = {"exact_match": exact, "n": len(keep),
                                "confidence": confidence_summary(cap, confidence, task)}
@@ -186,7 +167,7 @@ def run(args) -> int:
     from mm.captioner import Captioner
 
     try:
-        from train.augment import CHANGES
+        from train.data.augment import CHANGES
 
         changes = None if args.changes is None else (args.changes or list(CHANGES))
         if unknown := sorted(set(changes or ()) - set(CHANGES)):
@@ -209,12 +190,12 @@ def run(args) -> int:
     if not samples:
         print(f"mm eval: no usable samples in {args.data}", file=sys.stderr)
         return 2
-    results = evaluate(cap, samples, tasks, args.batch_size, args.spec_samples)
+    results = score_captions(cap, samples, tasks, args.batch_size, args.spec_samples)
     results["data_errors"] = {"total": skipped.total, "by_reason": dict(skipped.counts),
                               "examples": skipped.examples[:10]}
     if changes:
         subset = samples[: args.changes_limit] if args.changes_limit else samples
-        results["changes"] = evaluate_changes(cap, subset, tasks, changes, args.batch_size)
+        results["changes"] = score_changes(cap, subset, tasks, changes, args.batch_size)
     print(table(results))
     if changes:
         print("\nexact match under image changes (" + str(len(subset)) + " samples per task):\n"

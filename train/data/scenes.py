@@ -24,6 +24,8 @@ from fractions import Fraction
 
 from PIL import Image, ImageDraw
 
+from mm.config import TASKS  # the texts a scene has: every task of the default model
+
 CANVAS = 128
 BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
 COLOURS = {
@@ -42,7 +44,6 @@ PLACE_PHRASES = dict(zip(PLACES, (
     "on the right", "at the bottom left", "at the bottom", "at the bottom right",
 )))
 COUNT_WORDS = {1: "one", 2: "two", 3: "three"}
-TASKS = ("caption", "describe", "caption_zh", "describe_zh")
 COUNT_TASKS = ("count", "count_zh")  # not in the default model: a task for fine-tuning to teach
 SPLITS = ("train", "val", "test")
 

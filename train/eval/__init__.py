@@ -1,0 +1,1 @@
+"""Evaluation of a trained captioner: `mm eval` (scorer), caption metrics, `mm calibrate`."""

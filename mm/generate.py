@@ -245,10 +245,13 @@ def _process(logits, generated, step, gen: GenerationConfig, eos_id):
     return logits
 
 
+MIN_TEMPERATURE = 1e-4  # below it logits / T can overflow to inf (nan probabilities); it samples the argmax anyway
+
+
 def _choose(logits, gen: GenerationConfig, rng):
     if gen.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / gen.temperature
+    logits = logits / max(gen.temperature, MIN_TEMPERATURE)
     if gen.top_k:
         kth = logits.topk(min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

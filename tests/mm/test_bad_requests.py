@@ -122,3 +122,9 @@ def test_other_damaged_checkpoint_files(trained_micro, tmp_path):
 def test_unusable_device_is_refused_before_loading(trained_micro, device):
     with pytest.raises(ConfigError, match="device"):
         Captioner.from_pretrained(trained_micro, device=device)
+
+
+def test_a_vanishing_temperature_samples_the_greedy_caption(random_cap):
+    """temperature=1e-123 once divided the logits into inf and sampled from nan probabilities."""
+    greedy = random_cap.caption([IMAGE], max_new_tokens=6)
+    assert random_cap.caption([IMAGE], max_new_tokens=6, temperature=1e-123, seed=0) == greedy

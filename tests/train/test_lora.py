@@ -138,9 +138,10 @@ def test_expert_adapters_take_the_grouped_dispatch_and_match_a_loop(grouped, mon
 @pytest.mark.parametrize("scope", ["micro", "bundled"])
 def test_merged_model_equals_the_adapted_one_on_every_task(scope):
     """Merged in place (fp32): within float rounding of the adapted model. Exported (the merged weights
-    rounded to bf16): within bf16 precision of it on average, far closer than the adapters' own effect.
-    Averages, not maxima: a rounding can flip a borderline token's expert choice, which changes that
-    token's logits by more than any rounding would."""
+    rounded to bf16): within bf16 precision of it, far closer than the adapters' own effect.
+    Not maxima: a rounding can flip a borderline token's expert choice, which changes that token's
+    logits by more than any rounding would, so the adapters' bound holds for 90% of the tokens and
+    the mean over all of them is held to bf16 precision."""
     from mm.checkpoint import load_checkpoint
 
     if scope == "micro":
@@ -168,9 +169,11 @@ def test_merged_model_equals_the_adapted_one_on_every_task(scope):
     for t in batches:
         effect = (adapted[t] - base[t]).abs().mean()  # what the adapters change
         torch.testing.assert_close(merged[t], adapted[t], rtol=1e-4, atol=1e-3 * float(effect))
-        error = (exported[t] - adapted[t]).abs().mean()
+        per_token = (exported[t] - adapted[t]).abs().mean(-1).flatten()
         size = adapted[t].abs().mean()
-        assert error < 0.1 * effect and error < 2**-7 * size, (t, float(error), float(effect), float(size))
+        typical = per_token.quantile(0.9)  # all but the tokens whose expert choice the rounding flipped
+        assert typical < 0.1 * effect and per_token.mean() < 2**-7 * size, (
+            t, float(typical), float(per_token.mean()), float(effect), float(size))
 
 
 def test_saved_adapters_round_trip(tmp_path):

@@ -14,8 +14,9 @@ A caption's confidence in [0, 1] is the product of two terms:
 image is reported as unfamiliar (tasks differ: a short Chinese caption has fewer
 near-certain tokens to average than a long English description). `mm calibrate`
 (train/eval/calibrate.py) fits it on training-like images and picks the thresholds on
-held-out changed scenes; it is saved beside the weights as `calibration.safetensors`. A model without one (a fine-tuned
-export, whose encoder has moved) has familiarity 1 and flags nothing.
+held-out changed scenes; it is saved beside the weights as `calibration.safetensors`. A
+model without one (a fine-tuned export, whose encoder has moved) has familiarity 1 and
+flags nothing.
 """
 
 from __future__ import annotations

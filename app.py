@@ -38,7 +38,7 @@ from mm.captioner import DEFAULT_MODEL_DIR, Captioner
 from mm.engine import Engine, EngineBusy, EngineClosed
 from mm.generate import GenerationStats
 from mm.openai_api import router
-from vision.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vision.preprocess import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageError, load_image
 
 MAX_NEW_TOKENS = 256
 MAX_BATCH_FILES = 64
@@ -80,7 +80,7 @@ class ImageInput(gr.Image):
         would otherwise cost seconds and gigabytes before any check of ours ran)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(payload.path) as img:
+            with Image.open(payload.path, formats=IMAGE_FORMATS) as img:  # nothing else reaches a decoder
                 width, height = img.size
         if width * height > DEFAULT_MAX_PIXELS:
             name = getattr(payload, "orig_name", None) or "the upload"

@@ -51,14 +51,19 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def is_shard(spec: str) -> bool:
-    return spec.startswith(("pipe:", "http://", "https://")) or spec.endswith(SHARD_HINTS)
+    return spec.startswith(("http://", "https://")) or spec.endswith(SHARD_HINTS)
 
 
 def expand(inputs: list[str]) -> Iterator[tuple[str, str]]:
-    """('file', path) for images (folders recursively, globs expanded) and ('shard', url)."""
+    """('file', path) for images (folders recursively, globs expanded), ('shard', url), and
+    ('shards', pattern) for a brace pattern of shards. A name that exists is taken literally,
+    whatever characters it holds (a file named `pipe:...` or `a::{0..9}.tar` is a file); nothing
+    an argument says is ever run (mm/samples.py opens shards without a shell)."""
     for spec in inputs:
-        if is_shard(spec):
-            yield "shard", spec
+        if Path(spec).is_file():
+            yield ("shard" if is_shard(spec) else "file"), spec
+        elif is_shard(spec):
+            yield "shards", spec
         elif Path(spec).is_dir():
             for p in sorted(Path(spec).rglob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
@@ -67,15 +72,15 @@ def expand(inputs: list[str]) -> Iterator[tuple[str, str]]:
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
                 yield "missing", spec
-            yield from (("file", m) for m in matches if Path(m).is_file())
+            yield from ((("shard" if is_shard(m) else "file"), m) for m in matches if Path(m).is_file())
         else:
             yield "file", spec
 
 
-def _shard_items(spec: str) -> Iterator[tuple[dict, object]]:
+def _shard_items(kind: str, spec: str) -> Iterator[tuple[dict, object]]:
     from mm.samples import DataErrors, expand_urls, shard_samples
 
-    for url in expand_urls(spec):
+    for url in (expand_urls(spec) if kind == "shards" else [spec]):
         broken = DataErrors()
         for sample in shard_samples(url, broken):
             yield {"key": sample["__key__"], "url": url}, sample
@@ -92,7 +97,7 @@ def items(inputs: list[str]) -> Iterator[tuple[dict, object]]:
         elif kind == "file":
             yield {"path": spec}, spec
         else:
-            yield from _shard_items(spec)
+            yield from _shard_items(kind, spec)
 
 
 def check_args(args) -> dict:

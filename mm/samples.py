@@ -13,11 +13,19 @@ under one of `REASONS`, with its shard URL and key:
 - The training reader adds `missing_task` and `too_long`.
 
 Nothing here raises on bad data: a reader gets a value, or a `BadSample` it counts.
+
+A shard URL is opened without a shell (`open_shard`): a name that exists on disk is a
+file, whatever it looks like; `http(s)://` is fetched by urllib; webdataset's
+`pipe:CMD` runs CMD in a shell, so it is refused unless the caller opts in
+(`allow_pipe`, set only from a training config's `data.allow_pipe`). A file name
+from a glob or a folder listing can never start a command.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -30,7 +38,7 @@ from mm.config import TASKS
 from vision.preprocess import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp") + tuple(e for e in IMAGE_EXTENSIONS if e not in ("jpg", "jpeg", "png", "webp"))
-__all__ = ["IMAGE_KEYS", "REASONS", "TASKS", "BadSample", "DataErrors", "expand_urls", "good_samples", "sample_image",
+__all__ = ["IMAGE_KEYS", "REASONS", "TASKS", "BadSample", "DataErrors", "PipeRefused", "expand_urls", "good_samples", "open_shard", "sample_image",
            "sample_json", "sample_texts", "shard_samples"]
 T = TypeVar("T")
 REASONS = ("bad_shard", "bad_json", "bad_text", "missing_text", "missing_image", "bad_image", "missing_task",
@@ -93,6 +101,25 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return [u for spec in specs for u in wds.shardlists.expand_urls(spec)]
 
 
+class PipeRefused(ValueError):
+    """A `pipe:` shard URL where no explicit opt-in allows running shell commands."""
+
+
+def open_shard(url: str, allow_pipe: bool = False):
+    """A binary stream of one shard. Nothing reaches a shell unless `allow_pipe` and the URL is `pipe:`."""
+    path = url.removeprefix("file:") if url.startswith("file:") and not os.path.exists(url) else url
+    if os.path.exists(path):
+        return open(path, "rb")
+    if url.startswith(("http://", "https://")):
+        return urllib.request.urlopen(url, timeout=60)  # noqa: S310 (the scheme is checked above)
+    if url.startswith("pipe:"):
+        if not allow_pipe:
+            raise PipeRefused("a pipe: shard URL runs a shell command and is refused here; set "
+                              "data.allow_pipe in a training config to run it, or name a local file")
+        return wds.gopen(url)
+    raise FileNotFoundError(f"no such file: {path}")
+
+
 def _members(stream, url: str, failed: list) -> Iterator[dict]:
     last = ""  # the member read before the failure: says where the shard broke
     try:
@@ -103,13 +130,13 @@ def _members(stream, url: str, failed: list) -> Iterator[dict]:
         failed.append(("bad_shard", url, last, f"{type(e).__name__}: {e}"))
 
 
-def shard_samples(url: str, errors: DataErrors) -> Iterator[dict]:
+def shard_samples(url: str, errors: DataErrors, allow_pipe: bool = False) -> Iterator[dict]:
     """The raw samples ({'__key__', '__url__', ext: bytes}) of one shard. A broken shard is counted
     once; its last, partial sample is still yielded (the readers' rules then judge it)."""
     failed: list[tuple] = []
     try:
-        stream = wds.gopen(url)
-    except Exception as e:  # missing file, bad URL, failed pipe: command
+        stream = open_shard(url, allow_pipe)
+    except Exception as e:  # missing file, bad URL, a refused or failed pipe: command
         errors.add("bad_shard", url, "", f"{type(e).__name__}: {e}")
         return
     try:
@@ -125,11 +152,12 @@ def shard_samples(url: str, errors: DataErrors) -> Iterator[dict]:
         errors.add(*failed[0])
 
 
-def good_samples(urls: str | list[str], errors: DataErrors, parse: Callable[[dict], T]) -> Iterator[T]:
+def good_samples(urls: str | list[str], errors: DataErrors, parse: Callable[[dict], T],
+                 allow_pipe: bool = False) -> Iterator[T]:
     """`parse(sample)` of every sample in the shards, in order; a sample it refuses (BadSample) is
     counted in `errors` with its shard and key, and skipped. One process reads every shard."""
     for url in expand_urls(urls):
-        for sample in shard_samples(url, errors):
+        for sample in shard_samples(url, errors, allow_pipe):
             try:
                 yield parse(sample)
             except BadSample as e:

@@ -405,3 +405,20 @@ def test_openai_bad_requests_get_openai_errors(tiny, files, name, body, status, 
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert message in err["message"] and err["type"] and "Traceback" not in r.text
+
+
+def test_eps_bytes_sent_as_png_never_reach_ghostscript(tiny, monkeypatch, tmp_path):
+    import httpx
+    from PIL import EpsImagePlugin
+
+    from tests.test_injection import EPS
+
+    calls = []
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: calls.append(a))
+    r = httpx.post(tiny[2] + "v1/chat/completions", json=chat("caption", data_url(EPS)), timeout=60)
+    assert r.status_code == 400 and "supported format" in r.json()["error"]["message"], r.text
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(EPS)
+    with pytest.raises(AppError, match="readable image"):
+        tiny[1].predict(handle_file(str(upload)), task="caption", api_name="/caption")
+    assert calls == []

@@ -47,7 +47,7 @@ def build_tokenizer(cfg: TrainConfig, info: D.DistInfo, out_dir: Path, say=print
     path = out_dir / "tokenizer.json"
     if info.is_main and not path.exists():
         skipped = DataErrors()
-        texts = read_texts(cfg.data.train, cfg.data.tasks, cfg.tokenizer_samples, skipped)
+        texts = read_texts(cfg.data.train, cfg.data.tasks, cfg.tokenizer_samples, skipped, cfg.data.allow_pipe)
         say(f"tokenizer: trained on {len(texts)} texts; {skipped.summary()}")
         if not texts:
             raise ConfigError(f"data.train: no usable texts in {cfg.data.train!r} to train a tokenizer on "

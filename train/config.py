@@ -16,7 +16,7 @@ from mm.config import TASKS, MMConfig, preset
 
 @dataclass
 class DataConfig(ConfigBase):
-    train: str = ""  # shard URLs: a brace pattern, a path, pipe:, http(s)://; several joined with "::"
+    train: str = ""  # shard URLs: a brace pattern, a path, http(s)://, pipe: (with allow_pipe); several joined with "::"
     val: str = ""
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     task_mode: str = "batch"  # batch: one task per batch | all: every task of every sample
@@ -25,6 +25,7 @@ class DataConfig(ConfigBase):
     shuffle: int = 1000  # sample shuffle buffer
     epoch_batches: int = 0  # batches per (pseudo-)epoch of a resampled stream; 0 = from sizes.json
     pad_to: dict = field(default_factory=dict)  # task -> fixed padded length (avoids re-tuning kernels per length)
+    allow_pipe: bool = False  # run `pipe:CMD` shard URLs in a shell (an explicit opt-in; off, they are refused)
 
     def __post_init__(self):
         bad_pad = {k: v for k, v in self.pad_to.items()

@@ -5,7 +5,10 @@ raw bytes, a binary file object) into an upright 8-bit RGB image, or raises
 `ImageError` naming the source and the reason. Transparent images are composited
 on white, 16-bit and float images are scaled to 8 bits (not clipped), EXIF
 orientation is applied, and the pixel count is capped before decoding so a
-decompression bomb is refused from its header alone.
+decompression bomb is refused from its header alone. Only the formats in
+`IMAGE_FORMATS` are decoded, recognised by content (never by a file name or a
+declared media type): PIL's other plugins include EPS, which runs Ghostscript on
+the file's PostScript, and no byte a user sends may reach an interpreter.
 
 `build_transform` fits the image into image_size x image_size keeping its aspect
 ratio: the longest side is resized to image_size and the shorter one is padded
@@ -30,6 +33,9 @@ import torch
 from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 64_000_000
+# The formats we decode, as PIL names them; everything else (EPS, PDF, PSD, ICNS, ...) is refused
+# before a plugin parses it. PPM covers the PBM/PGM/PPM family of webdataset's image members.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 _EXIF_ORIENTATION = 0x0112
 
 _RESAMPLE = {
@@ -56,18 +62,23 @@ def _describe(x: Any) -> str:
     return getattr(x, "name", None) or type(x).__name__
 
 
+def open_image_bytes(data: bytes) -> Image.Image:
+    """A lazily decoded PIL image of one of IMAGE_FORMATS; PIL's UnidentifiedImageError otherwise."""
+    return Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+
+
 def _open(x: Any, source: str) -> Image.Image:
     if isinstance(x, (str, Path)):
         path = Path(x).expanduser()
         if not path.is_file():
             raise ImageError(f"{source}: {'a directory, not an image file' if path.is_dir() else 'no such file'}")
-        return Image.open(io.BytesIO(path.read_bytes()))  # no file handle left open (multi-frame files)
+        return open_image_bytes(path.read_bytes())  # no file handle left open (multi-frame files)
     if isinstance(x, (bytes, bytearray, memoryview)):
         if len(x) == 0:
             raise ImageError(f"{source}: empty")
-        return Image.open(io.BytesIO(bytes(x)))
+        return open_image_bytes(bytes(x))
     if hasattr(x, "read"):
-        return Image.open(x)
+        return Image.open(x, formats=IMAGE_FORMATS)
     raise ImageError(f"cannot load an image from {type(x).__name__}; give a PIL image, a path or bytes")
 
 
@@ -113,6 +124,9 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{source}: refused as a decompression bomb by PIL ({e})") from e
+    except Image.UnidentifiedImageError:  # its message repeats the path; say what we accept instead
+        raise ImageError(f"{source}: not a readable image in a supported format "
+                         f"({', '.join(IMAGE_FORMATS)})") from None
     except Exception as e:  # PIL's plugins raise OSError, SyntaxError, ValueError, struct.error, ... on bad bytes
         raise ImageError(f"{source}: not a readable image ({type(e).__name__}: {e})") from e
     width, height = img.size

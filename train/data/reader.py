@@ -138,11 +138,13 @@ def make_loader(urls: str | list[str], *, encode: Encode, image_transform: Calla
                 seed: int = 0, epoch: int = 0, num_workers: int = 0, rank: int | None = None,
                 world_size: int | None = None, drop_last: bool = True, shuffle: int = 1000,
                 pad_to: dict[str, int] | int | None = None, pad_id: int = 0,
-                samples_per_epoch: int | None = None, augment: Callable | None = None) -> Loader:
+                samples_per_epoch: int | None = None, augment: Callable | None = None,
+                allow_pipe: bool = False) -> Loader:
     """Build the reader. `shuffle` is the sample buffer size (<= 1 reads in order: no shard or sample
     shuffle). With `resampled`, an epoch is `samples_per_epoch` (default: sizes.json) samples over all
     ranks; unknown, the stream never ends. `pad_to` fixes T per task (dict) or for all (int).
-    `augment(pil, rng)` (train/data/augment.py) changes each image before `image_transform`."""
+    `augment(pil, rng)` (train/data/augment.py) changes each image before `image_transform`.
+    `allow_pipe` lets `pipe:CMD` shard URLs run CMD in a shell (mm/samples.py: refused otherwise)."""
     shards = expand_urls(urls)
     rank, world_size = _rank_world(rank, world_size)
     tasks = tuple(tasks) if tasks else TASKS
@@ -172,7 +174,7 @@ def make_loader(urls: str | list[str], *, encode: Encode, image_transform: Calla
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
         *source,
-        TarSamples(errors),
+        TarSamples(errors, allow_pipe),
         ShuffleSamples(shuffle, seed, epoch_state, rank) if shuffle > 1 else None,
         Decode(image_transform, tasks, errors, augment, seed, epoch_state, rank),
         Batch(batch_size=batch_size, tasks=tasks, task_mode=task_mode, encode=encode, pad_to=pad_to, pad_id=pad_id,

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from lm.hf import atomic_file
 from train.data import scenes
+from vision.preprocess import open_image_bytes
 
 _EXT_OF_FORMAT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # kept as they are; others become png
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -161,7 +162,7 @@ def _image_entry(path: str, max_size: int | None) -> tuple[str, bytes, bool]:
     """(extension, bytes, resized): the original bytes unless the image must shrink or its format is unusual."""
     with open(path, "rb") as f:
         data = f.read()
-    img = Image.open(io.BytesIO(data))
+    img = open_image_bytes(data)  # only the formats captioning decodes (no EPS, no Ghostscript)
     img.load()  # decode fully: a truncated file fails here, not in the training loop
     fmt = img.format
     too_big = max_size is not None and max(img.size) > max_size

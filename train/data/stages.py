@@ -77,12 +77,12 @@ class TarSamples:
     """wds's tarfile_to_samples, grouping per shard: a broken shard is counted once, and its last,
     partial sample cannot merge with the next shard's first one."""
 
-    def __init__(self, errors: DataErrors):
-        self.errors = errors
+    def __init__(self, errors: DataErrors, allow_pipe: bool = False):
+        self.errors, self.allow_pipe = errors, allow_pipe
 
     def __call__(self, src):
         for shard in src:
-            yield from shard_samples(shard["url"], self.errors)
+            yield from shard_samples(shard["url"], self.errors, self.allow_pipe)
 
 
 class ShuffleSamples:

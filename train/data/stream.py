@@ -13,6 +13,7 @@ the loader's own, which also takes the records that arrive after an epoch's last
 from __future__ import annotations
 
 from collections import Counter
+from functools import partial
 
 from mm.samples import DataErrors, good_samples, sample_texts
 from train.config import TrainConfig
@@ -20,11 +21,13 @@ from train.data.augment import Augment
 from train.data.reader import dataset_size, make_loader
 
 
-def read_texts(urls: str, tasks: list[str], limit: int, errors: DataErrors | None = None) -> list[str]:
+def read_texts(urls: str, tasks: list[str], limit: int, errors: DataErrors | None = None,
+               allow_pipe: bool = False) -> list[str]:
     """Up to `limit` texts (every task a sample has, in task order) for the tokenizer, by the readers'
     text and shard rules (images are not decoded); what is skipped is counted in `errors`."""
     texts: list[str] = []
-    for found in good_samples(urls, DataErrors() if errors is None else errors, lambda s: sample_texts(s, tasks)):
+    parse = partial(sample_texts, tasks=tasks)
+    for found in good_samples(urls, DataErrors() if errors is None else errors, parse, allow_pipe):
         texts += found.values()
         if len(texts) >= limit:
             return texts[:limit]
@@ -73,7 +76,7 @@ class DataStream:
             num_workers=self.num_workers, rank=self.info.rank, world_size=self.info.world_size,
             shuffle=d.shuffle, pad_id=self.pad_id, pad_to=self.pad_to,
             samples_per_epoch=(d.epoch_batches * self.cfg.optim.batch_size * self.info.world_size) or None,
-            augment=self.augment,
+            augment=self.augment, allow_pipe=d.allow_pipe,
         )
         self.iterator = iter(self.loader)
         self.batch = 0

@@ -27,8 +27,10 @@ that every forward returns.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -75,9 +77,20 @@ class Request:
     _events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
     _result: RequestResult | BaseException | None = None
+    _wakers: list = field(default_factory=list, repr=False)  # (event loop, asyncio.Event) of async readers
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def _put(self, event: tuple) -> None:
+        """The engine's side: one event, ("piece", text) or ("done", result or error), and a wake-up
+        for async readers."""
+        self._events.put(event)
+        for loop, ready in list(self._wakers):
+            try:
+                loop.call_soon_threadsafe(ready.set)
+            except RuntimeError:  # that reader's loop has closed: nobody is waiting there
+                pass
 
     @property
     def cancelled(self) -> bool:
@@ -98,6 +111,38 @@ class Request:
     def result(self, timeout: float | None = None) -> RequestResult:
         if self._result is None:
             for _ in self.stream(timeout):
+                pass
+        if isinstance(self._result, BaseException):
+            raise self._result
+        return self._result
+
+    async def astream(self):
+        """`stream()` for an event loop: awaits each piece without holding a thread, so a server
+        can keep any number of waiting requests on one loop."""
+        ready = asyncio.Event()
+        waker = (asyncio.get_running_loop(), ready)
+        self._wakers.append(waker)
+        try:
+            while True:
+                try:
+                    kind, value = self._events.get_nowait()
+                except queue.Empty:  # `_put` sets `ready` after every event, so none is missed
+                    await ready.wait()
+                    ready.clear()
+                    continue
+                if kind == "piece":
+                    yield value
+                    continue
+                self._result = value
+                if isinstance(value, BaseException):
+                    raise value
+                return
+        finally:
+            self._wakers.remove(waker)
+
+    async def aresult(self) -> RequestResult:
+        if self._result is None:
+            async for _ in self.astream():
                 pass
         if isinstance(self._result, BaseException):
             raise self._result
@@ -130,6 +175,10 @@ class Engine:
 
     def __init__(self, captioner: Captioner, max_batch: int = 32, max_queue: int = 256,
                  max_new_tokens: int = 256):
+        for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_new_tokens", max_new_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                # a batch of 0 rows never admits anyone, and queue.Queue(0) is unbounded
+                raise ValueError(f"Engine: {name} must be a whole number >= 1, got {value!r}")
         self.cap, self.model, self.dec = captioner, captioner.model, captioner.decoder
         self.tok = captioner.tokenizer
         self.max_batch, self.max_new_tokens = max_batch, max_new_tokens
@@ -140,6 +189,9 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self._ids = itertools.count()
         self._stop = threading.Event()
+        self._closing = threading.Lock()
+        self._stopped_by = "the engine has stopped"
+        self._taken: list[Request] = []  # taken from the queue by the current iteration
         self._thread = threading.Thread(target=self._loop, name="mm-engine", daemon=True)
         self._thread.start()
 
@@ -148,17 +200,21 @@ class Engine:
     def submit(self, image, task: str = "caption", **options) -> Request:
         """Queue one image; bad options, task or image raise here, on the caller's thread."""
         if self._stop.is_set():
-            raise EngineClosed("the engine has stopped")
+            raise EngineClosed(self._stopped_by)
         gen = self.cap._gen_config(options)
         if gen.max_new_tokens > self.max_new_tokens:
             raise ValueError(f"max_new_tokens must be at most {self.max_new_tokens} here, got {gen.max_new_tokens}")
         self.model.cfg.prompt(task)  # an unknown task names the known ones
         pixels = self.cap.transform(load_image(image))
         req = Request(next(self._ids), task, gen, pixels)
-        try:
-            self.waiting.put_nowait(req)
-        except queue.Full:
-            raise EngineBusy(f"busy: {self.waiting.maxsize} requests are already waiting; try again shortly") from None
+        with self._closing:
+            if self._stop.is_set():
+                raise EngineClosed(self._stopped_by)
+            try:
+                self.waiting.put_nowait(req)
+            except queue.Full:
+                raise EngineBusy(f"busy: {self.waiting.maxsize} requests are already waiting; try again "
+                                 "shortly") from None
         return req
 
     def close(self, timeout: float = 10.0) -> None:
@@ -172,19 +228,35 @@ class Engine:
     # --- the loop -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._taken: list[Request] = []
-            try:
-                with torch.inference_mode():
-                    self._iteration()
-            except Exception as e:  # a failed forward fails its requests, never the server
-                for req in dict.fromkeys([r.req for r in self.rows] + self._taken):
-                    req._events.put(("done", e))
-                self.rows.clear()
-        for row in self.rows:
-            row.req._events.put(("done", EngineClosed("the engine stopped before this request finished")))
+        stopped_by: BaseException | None = None
+        try:
+            while not self._stop.is_set():
+                self._taken = []
+                try:
+                    with torch.inference_mode():
+                        self._iteration()
+                except Exception as e:  # a failed forward fails its requests, never the server
+                    self._fail_running(e)
+        except BaseException as e:  # anything else ends the loop; below, nobody is left waiting
+            stopped_by = e
+            print(f"mm engine: stopped by {type(e).__name__}: {e}", file=sys.stderr)
+        finally:
+            self._shut(stopped_by)
+
+    def _fail_running(self, error: BaseException) -> None:
+        for req in dict.fromkeys([r.req for r in self.rows] + self._taken):
+            req._put(("done", error))
+        self.rows.clear()
+
+    def _shut(self, cause: BaseException | None) -> None:
+        """Refuse new requests and fail every one not finished: the loop that would serve them is gone."""
+        why = "the engine has stopped" + (f" ({type(cause).__name__}: {cause})" if cause is not None else "")
+        with self._closing:  # no submit slips into the queue after it was emptied
+            self._stopped_by = why
+            self._stop.set()
+        self._fail_running(EngineClosed(f"{why} before this request finished"))
         while not self.waiting.empty():
-            self.waiting.get_nowait()._events.put(("done", EngineClosed("the engine stopped")))
+            self.waiting.get_nowait()._put(("done", EngineClosed(why)))
 
     def _iteration(self) -> None:
         self._retire([r for r in self.rows if r.req.cancelled], Cancelled("cancelled"))
@@ -210,7 +282,7 @@ class Engine:
             except queue.Empty:
                 break
             if req.cancelled:
-                req._events.put(("done", Cancelled("cancelled")))
+                req._put(("done", Cancelled("cancelled")))
             else:
                 out.append(req)
         return out
@@ -225,19 +297,19 @@ class Engine:
         if req.gen.num_beams > 1:
             ids, stats = generate(self.model, pixels, prefix, req.gen, self.tok.eos_id, self.dec)
             tokens = ids[0]
-            req._events.put(("piece", self.tok.decode(tokens).strip()))
+            req._put(("piece", self.tok.decode(tokens).strip()))
         else:
             stats, text, tokens = GenerationStats(), CaptionText(self.tok), []
             for step in stream_tokens(self.model, pixels, prefix, req.gen, self.tok.eos_id, stats, self.dec):
                 if req.cancelled:
-                    req._events.put(("done", Cancelled("cancelled")))
+                    req._put(("done", Cancelled("cancelled")))
                     return
                 tokens += step[0]
                 if piece := "".join(text.push(t) for t in step[0]):
-                    req._events.put(("piece", piece))
+                    req._put(("piece", piece))
             if tail := text.flush():
-                req._events.put(("piece", tail))
-        req._events.put(("done", RequestResult(self.tok.decode(tokens).strip(), tokens, stats, t0 - req.submitted,
+                req._put(("piece", tail))
+        req._put(("done", RequestResult(self.tok.decode(tokens).strip(), tokens, stats, t0 - req.submitted,
                                                time.perf_counter() - req.submitted)))
 
     def _admit(self, reqs: list[Request]) -> None:
@@ -310,7 +382,7 @@ class Engine:
             row.tokens.append(tok)
             row.stats.new_tokens += 1
             if piece := row.text.push(tok):
-                row.req._events.put(("piece", piece))
+                row.req._put(("piece", piece))
             if tok == eos or len(row.tokens) >= row.gen.max_new_tokens:
                 finished.append(row)
         self._retire(finished, None)
@@ -325,16 +397,16 @@ class Engine:
                 self.rows[idx] = moved
             self.rows.pop()
             if error is not None:
-                row.req._events.put(("done", error))
+                row.req._put(("done", error))
                 continue
             if tail := row.text.flush():
-                row.req._events.put(("piece", tail))
+                row.req._put(("piece", tail))
             now = time.perf_counter()
             row.stats.decode_s = now - row.started
             row.stats.expert_load = row.load.tolist()
             fam = None if row.familiarity is None else torch.tensor([row.familiarity])
             row.stats.confidence = confidence(torch.tensor([row.logprob / len(row.tokens)]), fam).tolist()
             text = self.tok.decode(row.tokens).strip()
-            row.req._events.put(("done", RequestResult(text, row.tokens, row.stats,
+            row.req._put(("done", RequestResult(text, row.tokens, row.stats,
                                                        row.started - row.stats.prefill_s - row.req.submitted,
                                                        now - row.req.submitted)))

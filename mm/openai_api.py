@@ -8,13 +8,19 @@ nothing, so a remote URL is a clear 400) and a text part naming the task or its 
 `top_p`, `seed` and `stream` (server-sent events in the chunk format, ending with
 `data: [DONE]`) are honoured; `usage` counts the prompt (with its image tokens) and the
 completion. Each choice also carries `confidence` (in [0, 1]) and `unfamiliar` (true when
-the image looks unlike the model's training data: mm/confidence.py). Errors use OpenAI's shape `{"error": {"message", "type", "param", "code"}}`
-with 400 for bad input, 413 for an oversized payload, 429 when the engine's queue is
-full and 503 when it has stopped.
+the image looks unlike the model's training data: mm/confidence.py). Errors use OpenAI's
+shape `{"error": {"message", "type", "param", "code"}}` with 400 for bad input (whatever
+JSON it is), 413 for an oversized body (refused before it is parsed), 429 when the
+engine's queue is full and 503 when it has stopped.
+
+Waiting is asynchronous: a request waiting for its text holds no thread (the engine wakes
+the event loop), so hundreds of queued requests leave the other routes answering at once.
+A client that hangs up, streaming or not, cancels its request and frees its row.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -23,13 +29,14 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from mm.engine import Engine, EngineBusy, EngineClosed
+from mm.engine import Cancelled, Engine, EngineBusy, EngineClosed
 from vision.preprocess import ImageError, load_image
 
 MAX_IMAGE_BYTES = 50 * 1024 * 1024  # as the Gradio page's upload limit
+MAX_BODY_BYTES = MAX_IMAGE_BYTES * 4 // 3 + 2**20  # that image in base64, and a megabyte for the rest
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
 
 
@@ -81,12 +88,12 @@ def _number(body: dict, key: str, lo: float, hi: float, default, integer: bool =
     v = body.get(key)
     if v is None:
         return default
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and lo <= v <= hi
-    if ok and integer and v != int(v):
-        ok = False
+    # ints compare exactly (10**400 has no float); floats must be finite
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (isinstance(v, int) or math.isfinite(v))
+    ok = ok and lo <= v <= hi and not (integer and v != int(v))
     if not ok:
         kind = "an integer" if integer else "a number"
-        raise APIError(400, f"{key} must be {kind} in [{lo}, {hi}], got {v!r}", key)
+        raise APIError(400, f"{key} must be {kind} in [{lo}, {hi}], got {_short(v)}", key)
     return int(v) if integer else float(v)
 
 
@@ -106,6 +113,8 @@ def parse_request(body, tasks: dict[str, str], max_tokens: int) -> tuple:
         raise APIError(400, "a user message's content must be a string or a list of parts", "messages")
     images = [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
     texts = [p.get("text") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    if not all(isinstance(t, str) for t in texts):
+        raise APIError(400, "a text part's text must be a string", "messages")
     if len(images) != 1:
         raise APIError(400, f"send exactly one image_url part in the last user message (got {len(images)})",
                        "messages")
@@ -123,12 +132,22 @@ def parse_request(body, tasks: dict[str, str], max_tokens: int) -> tuple:
         options["seed"] = seed
     if options["temperature"] == 0:
         options["top_p"] = 1.0
-    task = _task(" ".join(t for t in texts if isinstance(t, str)) or None, tasks)
+    task = _task(" ".join(texts) or None, tasks)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise APIError(400, f"stream must be true or false, got {stream!r}", "stream")
-    usage = bool((body.get("stream_options") or {}).get("include_usage", False))
+        raise APIError(400, f"stream must be true or false, got {_short(stream)}", "stream")
+    stream_options = body.get("stream_options") or {}
+    usage = stream_options.get("include_usage", False) if isinstance(stream_options, dict) else None
+    if not isinstance(usage, bool):
+        raise APIError(400, 'stream_options must be an object like {"include_usage": true}, got '
+                            f"{_short(stream_options)}", "stream_options")
     return _image(url), task, options, stream, usage
+
+
+def _short(value) -> str:
+    """A client's value for a message: its repr, cut (it may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
@@ -137,24 +156,25 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
     tasks = dict(engine.model.cfg.tasks)
 
     @api.get("/v1/models")
-    def models():
+    async def models():  # on the loop, never behind a queue of worker threads
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                             "owned_by": "mm"}]}
 
-    def submit(body):
+    def submit(raw: bytes):
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the parser's depth
+            raise APIError(400, "the request body is not valid JSON (or is nested too deeply)") from None
         image, task, options, stream, include_usage = parse_request(body, tasks, max_tokens)
         return engine.submit(image, task, **options), task, stream, include_usage
 
     @api.post("/v1/chat/completions")
     async def chat(request: Request):
-        # Decoding the image and waiting for the text block, so they run on worker threads:
-        # the event loop must stay free for the other clients' requests.
+        # Parsing, decoding the image and preprocessing run on a worker thread, briefly; the
+        # wait for the text is awaited on the loop, so no thread is held per waiting request.
         try:
-            try:
-                body = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise APIError(400, "the request body is not valid JSON") from None
-            req, task, stream, include_usage = await run_in_threadpool(submit, body)
+            raw = await _body(request)
+            req, task, stream, include_usage = await run_in_threadpool(submit, raw)
         except APIError as e:
             return e.response()
         except EngineBusy as e:
@@ -169,9 +189,13 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
             return StreamingResponse(_events(req, cid, now, model_id, prompt_tokens, include_usage, engine, task),
                                      media_type="text/event-stream")
         try:
-            res = await run_in_threadpool(req.result)
+            res = await _result_unless_gone(req, request)
+        except (EngineClosed, Cancelled) as e:
+            return APIError(503, f"captioning stopped: {e}", kind="server_error").response()
         except Exception as e:  # a failed forward; the server keeps serving
             return APIError(500, f"captioning failed: {e}", kind="server_error").response()
+        if res is None:  # the client hung up; nobody reads this
+            return Response(status_code=499)
         return {"id": cid, "object": "chat.completion", "created": now, "model": model_id,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": res.text},
                              "finish_reason": _finish(res, engine.tok.eos_id), **_judgement(res, engine, task)}],
@@ -180,12 +204,53 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
     return api
 
 
+async def _body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it is known to be over MAX_BODY_BYTES: from its
+    declared length before a byte is read, else while it streams in."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is {int(declared)} bytes, over the limit of {MAX_BODY_BYTES}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over the limit of {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _hung_up(request: Request) -> None:
+    """Returns when the client disconnects. Once the body is read, the server's `receive`
+    has nothing else to say, so it waits for exactly that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.1)  # a server that repeats body messages must not spin the loop
+
+
+async def _result_unless_gone(req, request: Request):
+    """The request's result, or None when the client hung up first (the request is then
+    cancelled and its row freed)."""
+    result = asyncio.ensure_future(req.aresult())
+    gone = asyncio.ensure_future(_hung_up(request))
+    try:
+        await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not result.done():  # the client left, or this handler was cancelled
+            req.cancel()
+            result.cancel()
+    return result.result() if result.done() and not result.cancelled() else None
+
+
 def _finish(res, eos_id: int) -> str:
     return "stop" if res.tokens and res.tokens[-1] == eos_id else "length"
 
 
 def _judgement(res, engine: Engine, task: str) -> dict:
+    """confidence and unfamiliar; both null when the confidence is not a number (JSON has no NaN,
+    and no judgement may rest on one)."""
     conf = res.stats.confidence[0]
+    if not math.isfinite(conf):
+        return {"confidence": None, "unfamiliar": None}
     return {"confidence": round(conf, 4), "unfamiliar": engine.cap.unfamiliar(conf, task)}
 
 
@@ -194,8 +259,8 @@ def _usage(prompt_tokens: int, res) -> dict:
             "total_tokens": prompt_tokens + len(res.tokens)}
 
 
-def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, include_usage: bool, engine: Engine,
-            task: str):
+async def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, include_usage: bool,
+                  engine: Engine, task: str):
     """Server-sent events in the chunk format; a client that goes away cancels the request."""
 
     def chunk(delta: dict, finish: str | None = None, usage: dict | None = None, extra: dict | None = None) -> str:
@@ -207,9 +272,9 @@ def _events(req, cid: str, created: int, model_id: str, prompt_tokens: int, incl
 
     try:
         yield chunk({"role": "assistant", "content": ""})
-        for piece in req.stream():
+        async for piece in req.astream():
             yield chunk({"content": piece})
-        res = req.result()
+        res = await req.aresult()
         yield chunk({}, _finish(res, engine.tok.eos_id), _usage(prompt_tokens, res) if include_usage else None,
                     _judgement(res, engine, task))
     except Exception as e:

@@ -383,8 +383,13 @@ def serve(cap: Captioner, untrained: bool = False, host: str = "127.0.0.1", port
     # Handlers only wait on the engine, so Gradio may run as many at once as the engine queues.
     demo = build_demo(cap, engine, untrained).queue(default_concurrency_limit=max_batch + max_queue,
                                                     max_size=max_queue)
-    _, url, _ = demo.launch(server_name=host, server_port=port, show_error=True, max_file_size="50mb",
-                            ssr_mode=False, prevent_thread_lock=True, quiet=quiet, max_threads=max(40, 2 * max_batch))
+    try:
+        _, url, _ = demo.launch(server_name=host, server_port=port, show_error=True, max_file_size="50mb",
+                                ssr_mode=False, prevent_thread_lock=True, quiet=quiet,
+                                max_threads=max(40, 2 * max_batch))
+    except BaseException:  # e.g. the port is taken: the engine's loop must not outlive the server
+        engine.close()
+        raise
     demo.app.include_router(router(engine, model_id(cap), MAX_NEW_TOKENS))
     if not block:
         return demo, engine, url
@@ -399,15 +404,30 @@ def model_id(cap: Captioner) -> str:
     return f"mm-{cap.path.name}" if cap.path is not None else "mm-untrained"
 
 
+def check_options(args) -> None:
+    """Refuse server options that cannot work, before the model loads: a batch of 0 rows never
+    admits a request, a queue of 0 is unbounded, and a port outside 1..65535 cannot be bound."""
+    for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+
+
 def run(args) -> int:
     try:
+        check_options(args)
         cap, untrained = load_captioner(args.checkpoint, args.device)
         if args.compile:
             cap.compile()
     except (OSError, ValueError) as e:  # a missing or mismatched checkpoint names its path
         print(f"error: {e}", file=sys.stderr)
         return 2
-    serve(cap, untrained, args.host, args.port, args.max_batch, args.max_queue)
+    try:
+        serve(cap, untrained, args.host, args.port, args.max_batch, args.max_queue)
+    except OSError as e:  # the port is taken, or the host is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port} ({e})", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from mm.config import MMConfig
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "atomic_dir", "check_device", "clean_stale", "load_checkpoint", "load_config",
+__all__ = ["CheckpointError", "atomic_dir", "check_device", "check_output_dir", "check_writable_dir", "clean_stale", "load_checkpoint", "load_config",
            "load_state_strict", "read_weights", "remove_dir", "save_checkpoint", "write_checkpoint"]
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
@@ -36,23 +37,53 @@ _STALE = re.compile(r"\.(.+)\.(tmp|old|del)-(\d+)")  # what atomic_dir / remove_
 def atomic_dir(target: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)`, then move tmp_dir to `target` (replacing it) by renames."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
     old = target.parent / f".{target.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
         write(tmp)
         if target.exists():
             target.rename(old)
         tmp.rename(target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not target.exists():
             old.rename(target)
+        if isinstance(e, (OSError, SafetensorError)):  # a full disk, a read-only place: say where
+            raise CheckpointError(f"cannot write {target} ({e}); nothing there was changed") from e
         raise
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def check_output_dir(target: str | Path, flag: str, marker: str) -> None:
+    """Refuse, before any work, a directory a save could not write or must not replace: a file, a
+    folder of something else (no `marker` file in it), or a place this process cannot write (the
+    save writes a sibling, so the nearest existing parent must take new files)."""
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{flag} {target} is a file; a save there would displace it. Choose a new path")
+    if target.is_dir() and any(target.iterdir()) and not (target / marker).exists():
+        raise CheckpointError(f"{flag} {target} is a folder of something else (no {marker}); a save there would "
+                              "replace it. Choose a new or empty path")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"{flag} {target}: {parent} is a file, not a directory")
+    check_writable_dir(parent, f"{flag} {target}")
+
+
+def check_writable_dir(folder: Path, what: str) -> None:
+    """Create and remove a file in `folder`: permissions, read-only mounts and root alike answer truly."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"{what}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def remove_dir(path: str | Path) -> None:
@@ -187,10 +218,12 @@ def load_checkpoint(path, device="cpu", dtype: torch.dtype | None = None):
     model.cfg = cfg
     load_state_strict(model, state, str(path / "model.safetensors"))
     try:
-        model.calibration = Calibration.load(path)
+        model.calibration = Calibration.load(path, width=model.vision.out_dim)
+    except CheckpointError:
+        raise
     except (SafetensorError, OSError, KeyError, ValueError) as e:
-        raise CheckpointError(f"{path / CALIBRATION}: damaged ({type(e).__name__}: {e}); run mm calibrate "
-                              f"again or delete it") from e
+        raise CheckpointError(f"{path / CALIBRATION}: damaged ({type(e).__name__}: {e}); delete it and run "
+                              "mm calibrate again") from e
     model.to(device=device, dtype=dtype).eval()
     return model, tokenizer
 

@@ -16,17 +16,22 @@ near-certain tokens to average than a long English description). `mm calibrate`
 (train/eval/calibrate.py) fits it on training-like images and picks the thresholds on
 held-out changed scenes; it is saved beside the weights as `calibration.safetensors`. A
 model without one (a fine-tuned export, whose encoder has moved) has familiarity 1 and
-flags nothing.
+flags nothing. A calibration file is checked whole when it loads (`Calibration.load`):
+a damaged one would flag the wrong images silently, or put NaN into every confidence.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lm.config import CheckpointError
 
 FILE = "calibration.safetensors"
 
@@ -58,23 +63,74 @@ class Calibration:
         return torch.sigmoid((self.radius - self.distance(features)) / self.softness)
 
     def save(self, folder: str | Path) -> None:
+        """Written beside its final name and renamed: a full disk leaves the previous file whole."""
+        from safetensors import SafetensorError
+
         meta = {"radius": self.radius, "softness": self.softness, "thresholds": self.thresholds, "info": self.info}
-        save_file({"mean": self.mean.float().contiguous(), "whiten": self.whiten.float().contiguous()},
-                  str(Path(folder) / FILE), metadata={"calibration": json.dumps(meta)})
+        path = Path(folder) / FILE
+        tmp = path.with_name(f".{FILE}.tmp-{os.getpid()}")
+        try:
+            save_file({"mean": self.mean.float().contiguous(), "whiten": self.whiten.float().contiguous()},
+                      str(tmp), metadata={"calibration": json.dumps(meta)})
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as e:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write {path} ({e}); any previous calibration there is unchanged") from e
 
     @classmethod
-    def load(cls, folder: str | Path) -> Calibration | None:
-        """The folder's calibration, or None when it has none."""
+    def load(cls, folder: str | Path, width: int | None = None) -> Calibration | None:
+        """The folder's calibration, or None when it has none. Everything is checked against what
+        familiarity needs, `width` being the encoder's feature width; a damaged file is a
+        CheckpointError naming the field."""
         path = Path(folder) / FILE
         if not path.exists():
             return None
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            meta = json.loads(f.metadata()["calibration"])
-        t = load_file(str(path))
-        return cls(t["mean"], t["whiten"], float(meta["radius"]), float(meta["softness"]),
-                   {k: float(v) for k, v in meta["thresholds"].items()}, meta.get("info", {}))
+            meta = json.loads((f.metadata() or {}).get("calibration", "null"))
+        tensors = load_file(str(path))
+        try:
+            return cls(*_checked_tensors(tensors, width), *_checked_meta(meta))
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}; delete it and run mm calibrate again") from None
+
+
+def _checked_tensors(t: dict, width: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if sorted(t) != ["mean", "whiten"]:
+        raise ValueError(f"expected the tensors mean and whiten, found {sorted(t)}")
+    mean, whiten = t["mean"], t["whiten"]
+    c = width if width is not None else (mean.shape[0] if mean.dim() == 1 else -1)
+    for name, x, shape in (("mean", mean, (c,)), ("whiten", whiten, (c, c))):
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be floating point, found {x.dtype}")
+        if tuple(x.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; the encoder's feature width {c} needs {shape}")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"{name} holds non-finite values (NaN or infinity)")
+    return mean.float(), whiten.float()
+
+
+def _checked_meta(meta) -> tuple[float, float, dict, dict]:
+    if not isinstance(meta, dict):
+        raise ValueError("its metadata has no 'calibration' object")
+
+    def number(key, value, ok, rule: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+            raise ValueError(f"{key} must be a finite number {rule}, found {value!r}")
+        return float(value)
+
+    radius = number("radius", meta.get("radius"), lambda v: v >= 0, ">= 0")
+    softness = number("softness", meta.get("softness"), lambda v: v > 0, "> 0")
+    thresholds = meta.get("thresholds")
+    if not isinstance(thresholds, dict):
+        raise ValueError(f"thresholds must be an object task -> confidence, found {thresholds!r}")
+    thresholds = {k: number(f"thresholds[{k!r}]", v, lambda v: 0 <= v <= 1, "in [0, 1]")
+                  for k, v in thresholds.items()}
+    info = meta.get("info", {})
+    if not isinstance(info, dict):
+        raise ValueError(f"info must be an object, found {type(info).__name__}")
+    return radius, softness, thresholds, info
 
 
 def fit(features: torch.Tensor, shrinkage: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:

@@ -151,6 +151,7 @@ def run(args) -> int:
     if args.val:
         overrides.append(f"--data.val={args.val}")
     try:
+        check_outputs(args)
         stage = args.stage or ("lora" if args.adapters else "full")
         model, tokenizer = from_source(args)
         if args.mtp_depths:
@@ -167,6 +168,18 @@ def run(args) -> int:
         return 2
     return run_training("finetune", cfg, resume=args.resume, model=model, tokenizer=tokenizer, export=args.export,
                         save_adapters=args.save_adapters)
+
+
+def check_outputs(args) -> None:
+    """--export and --save-adapters are written after training: refuse a path that cannot take
+    them now, not after hours of training."""
+    from mm.checkpoint import check_output_dir
+    from train.lora_files import ADAPTER_FILE
+
+    for flag, path, marker in (("--export", args.export, "config.json"),
+                               ("--save-adapters", args.save_adapters, ADAPTER_FILE)):
+        if path:
+            check_output_dir(path, flag, marker)
 
 
 def lora_options(cfg, stage: str, args):

@@ -30,8 +30,9 @@ def save_adapters(model: nn.Module, path, cfg: LoRAConfig) -> Path:
     """`path/adapters.safetensors` (trained tensors under their model keys) and `path/adapter_config.json`."""
     from safetensors.torch import save_file
 
-    from mm.checkpoint import atomic_dir
+    from mm.checkpoint import atomic_dir, check_output_dir
 
+    check_output_dir(path, "adapters", ADAPTER_FILE)
     tensors = trained_tensors(model)
     meta = {"lora": {k: getattr(cfg, k) for k in (*STRUCTURE, "dropout", "train_projector")},
             "trained": sorted(n for n in tensors if ".lora." not in n), "tasks": model.cfg.tasks}
@@ -80,6 +81,11 @@ def load_adapters(model: nn.Module, path) -> int:
     if missing or unexpected or shapes:
         raise CheckpointError(f"{file} does not fit this model's adapters: missing {missing[:4]}, "
                               f"unexpected {unexpected[:4]}, shapes {shapes[:4]}")
+    # NaN or infinite weights would merge into a model that writes "" with confidence NaN
+    broken = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise CheckpointError(f"{file}: non-finite values (NaN or infinity) in {broken[:4]}"
+                              f"{' ...' if len(broken) > 4 else ''}; the adapters are damaged, save them again")
     for k, v in weights.items():
         own[k].copy_(v.to(own[k].dtype))
     return len(weights)

@@ -37,6 +37,7 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # before a plugin parses it. PPM covers the PBM/PGM/PPM family of webdataset's image members.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
 _EXIF_ORIENTATION = 0x0112
+_BAND_PIXELS = 1 << 20  # pixels converted at once when a 16-bit or float image is scaled to 8 bits
 
 _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
@@ -83,15 +84,25 @@ def _open(x: Any, source: str) -> Image.Image:
 
 
 def _scale_to_uint8(img: Image.Image) -> Image.Image:
-    """16-bit and 32-bit integer images to 8 bits by range (65535 -> 255); float images from [0, 1]."""
-    arr = np.asarray(img)
+    """16-bit and 32-bit integer images to 8 bits by range (65535 -> 255); float images from [0, 1].
+
+    Converted a band of rows at a time: the extra memory is a few megabytes whatever the image's
+    size (a whole-image float64 copy costs 8 bytes a pixel, gigabytes under the pixel cap)."""
+    width, height = img.size
+    rows = max(1, _BAND_PIXELS // max(width, 1))
+    scale = 1.0
     if img.mode == "F":
-        arr = np.nan_to_num(arr.astype(np.float32), nan=0.0)
-        scale = 255.0 if arr.size and arr.max() <= 1.0 else 1.0  # [0, 1] floats, else already 0..255
-        arr = np.clip(arr * scale, 0, 255)
-    else:  # I, I;16, I;16B, ...: PNG/TIFF 16-bit grey; 257 = 65535 / 255 maps the ends exactly
-        arr = np.clip(arr.astype(np.float64), 0, 65535) / 257.0
-    return Image.fromarray(np.rint(arr).astype(np.uint8))  # 2-D uint8 -> mode L
+        top = img.getextrema()[1]  # [0, 1] floats, else already 0..255
+        scale = 255.0 if top != top or top <= 1.0 else 1.0  # NaN extrema: the NaNs become 0 below
+    out = np.empty((height, width), dtype=np.uint8)
+    for y in range(0, height, rows):
+        band = np.asarray(img.crop((0, y, width, min(height, y + rows))))
+        if img.mode == "F":
+            band = np.clip(np.nan_to_num(band.astype(np.float32), nan=0.0) * scale, 0, 255)
+            out[y : y + rows] = np.rint(band)
+        else:  # I, I;16, I;16B, ...: 257 = 65535 / 255 maps the ends exactly; (x + 128) // 257 = rint(x / 257)
+            out[y : y + rows] = (np.clip(band.astype(np.int64), 0, 65535) + 128) // 257
+    return Image.fromarray(out)  # 2-D uint8 -> mode L
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -126,18 +126,18 @@ def confidences(cap, images: list[Image.Image], tasks: list[str], batch_size: in
     return {t: np.asarray(caption_batches(cap, images, t, batch_size, desc=f"{desc} {t}")[1]) for t in tasks}
 
 
-def calibrate(cap, args, say=print):
-    """Fit, threshold and check (module docstring); returns the Calibration, already set on cap.model."""
+def calibrate(cap, args, fit_images: list[Image.Image], held: list[Image.Image], say=print):
+    """Fit on `fit_images`, threshold on `held` and check (module docstring); returns the
+    Calibration, already set on cap.model."""
     from mm.confidence import Calibration, fit
     from train.config import AugmentConfig
     from train.data.augment import CHANGES, Augment
 
     rng = random.Random(args.seed)
     augment = Augment(AugmentConfig(enabled=True))
-    fit_images = [augment(im, rng) for im in in_world(args, 0, args.fit, "train")]
+    fit_images = [augment(im, rng) for im in fit_images]
     feats = pooled_features(cap, fit_images, args.batch_size)
     mean, whiten = fit(feats.mean(1))
-    held = in_world(args, args.fit, args.held_out, "val")
     changed = {name: [change(im) for im in held] for name, change in CHANGES.items()}
     probe = Calibration(mean, whiten, radius=0.0, softness=1.0, thresholds={}, info={})
     dist = torch.cat([probe.distance(pooled_features(cap, ims, args.batch_size)) for ims in changed.values()])
@@ -180,19 +180,31 @@ def calibrate(cap, args, say=print):
 
 def run(args) -> int:
     from mm.captioner import Captioner
+    from mm.checkpoint import check_writable_dir
 
     try:
         if args.fit < 64 or args.held_out < 1 or not 0 <= args.max_flagged < 1 or args.crops < 0:
             raise ValueError("need --fit >= 64, --held-out >= 1, --crops >= 0 and 0 <= --max-flagged < 1")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if os.path.isdir(args.checkpoint):  # the result is written into it: know now, not after the work
+            check_writable_dir(args.checkpoint, f"--checkpoint {args.checkpoint}")
+        # the images before the model: missing or short --data fails in seconds
+        fit_images = in_world(args, 0, args.fit, "train")
+        held = in_world(args, args.fit, args.held_out, "val")
         cap = Captioner.from_pretrained(args.checkpoint, batch_size=args.batch_size)  # as users load it
         cap.model.calibration = None  # a stale one must not shape the new fit
         args.tasks = args.tasks or cap.tasks
         for t in args.tasks:
             cap.model.cfg.prompt(t)
-    except ValueError as e:
+    except ValueError as e:  # bad options or data, CheckpointError, ConfigError (an unknown task)
         print(f"mm calibrate: {e}", file=sys.stderr)
         return 2
-    cal = calibrate(cap, args)
-    cal.save(args.checkpoint)
+    cal = calibrate(cap, args, fit_images, held)
+    try:
+        cal.save(args.checkpoint)
+    except ValueError as e:  # CheckpointError: a full disk, say
+        print(f"mm calibrate: {e}", file=sys.stderr)
+        return 2
     print(f"mm calibrate: wrote {os.path.join(args.checkpoint, 'calibration.safetensors')}")
     return 0

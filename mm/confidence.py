@@ -88,9 +88,13 @@ class Calibration:
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("calibration", "null"))
+            meta = (f.metadata() or {}).get("calibration", "null")
         tensors = load_file(str(path))
         try:
+            try:
+                meta = json.loads(meta)
+            except ValueError as e:
+                raise ValueError(f"its 'calibration' metadata is not JSON ({e})") from None
             return cls(*_checked_tensors(tensors, width), *_checked_meta(meta))
         except ValueError as e:
             raise CheckpointError(f"{path}: {e}; delete it and run mm calibrate again") from None

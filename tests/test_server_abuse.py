@@ -12,10 +12,12 @@ import base64
 import contextlib
 import io
 import json
+import math
 import socket
 import threading
 import time
 
+import gradio as gr
 import httpx
 import pytest
 import uvicorn
@@ -337,3 +339,58 @@ def test_the_engine_dying_fails_every_request_and_every_later_submit(cap, kind):
         engine.submit(image, max_new_tokens=8)
     engine._thread.join(5)
     assert not engine._thread.is_alive()
+
+
+# --- the page's handlers, called as Gradio calls them ------------------------------------------------
+
+PAGE_OPTIONS = dict(mode="greedy", num_beams=4, temperature=0.7, top_p=1.0, max_new_tokens=2,
+                    repetition_penalty=1.0, speculative=False, seed=-1)
+BAD_PAGE_CALLS = [
+    ("no image", None, {}), ("a folder", "/", {}), ("a missing file", "/nonexistent/x.png", {}),
+    ("a text file", __file__, {}), ("an unknown task", "IMAGE", {"task": "poem"}),
+    ("a task of another type", "IMAGE", {"task": 3}), ("mode unknown", "IMAGE", {"mode": "wild"}),
+    ("zero tokens", "IMAGE", {"max_new_tokens": 0}), ("fractional tokens", "IMAGE", {"max_new_tokens": 2.5}),
+    ("too many tokens", "IMAGE", {"max_new_tokens": 10**6}), ("no tokens", "IMAGE", {"max_new_tokens": None}),
+    ("one beam", "IMAGE", {"mode": "beam search", "num_beams": 1}),
+    ("fractional beams", "IMAGE", {"mode": "beam search", "num_beams": 2.5}),
+    ("zero temperature sampling", "IMAGE", {"mode": "sampling", "temperature": 0}),
+    ("negative temperature", "IMAGE", {"mode": "sampling", "temperature": -1}),
+    ("NaN repetition penalty", "IMAGE", {"repetition_penalty": math.nan}),
+    ("negative repetition penalty", "IMAGE", {"repetition_penalty": -2.0}),
+    ("NaN top_p", "IMAGE", {"mode": "sampling", "top_p": math.nan}),
+    ("top_p above 1", "IMAGE", {"mode": "sampling", "top_p": 7.0}),
+]
+
+
+@pytest.fixture(scope="module")
+def shell(cap, served, tmp_path_factory):
+    image = tmp_path_factory.mktemp("page") / "scene.png"
+    Image.new("RGB", (24, 24), "blue").save(image)
+    return app.Shell(cap, served[1]), str(image)
+
+
+@pytest.mark.parametrize("name, image, changes", BAD_PAGE_CALLS, ids=[c[0] for c in BAD_PAGE_CALLS])
+def test_page_handlers_answer_bad_input_with_a_message(shell, name, image, changes):
+    handlers, path = shell
+    kwargs = {"task": "caption", **PAGE_OPTIONS, **changes}
+    task = kwargs.pop("task")
+    image = path if image == "IMAGE" else image
+    with pytest.raises(gr.Error) as e:
+        handlers.caption(image, task, **kwargs)
+    assert e.value.message and "Traceback" not in e.value.message
+    with pytest.raises(gr.Error):
+        list(handlers.stream(image, task, *kwargs.values()))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mode=st.sampled_from(["greedy", "beam search", "sampling"]), beams=st.integers(-3, 20) | st.floats(),
+       temperature=st.floats(), top_p=st.floats(), tokens=st.integers(-5, 300) | st.floats(),
+       penalty=st.floats(), seed=st.integers(-10, 10**30) | st.floats(allow_nan=False))
+def test_any_page_options_caption_or_give_a_message(shell, mode, beams, temperature, top_p, tokens, penalty, seed):
+    handlers, path = shell
+    try:
+        text = handlers.caption(path, "caption", mode, beams, temperature, top_p, tokens, penalty, False, seed)
+    except gr.Error as e:
+        assert e.message
+    else:
+        assert isinstance(text, str)

@@ -12,6 +12,8 @@ FastAPI app, host and port as the page (`mm/openai_api.py`).
 
 Bad input (no image, an unreadable or oversized upload, out-of-range options) becomes a
 `gr.Error` message on the page, never a stack trace; a full queue says the server is busy.
+Server options that cannot work (`--max-batch 0`, `--max-queue 0`, a port outside 1..65535
+or already taken) stop start-up with the option named and status 2.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from PIL import Image
 from mm.captioner import DEFAULT_MODEL_DIR, Captioner
 from mm.engine import Engine, EngineBusy, EngineClosed
 from mm.generate import GenerationStats
-from mm.openai_api import router
+from mm.openai_api import judgement, router
 from vision.preprocess import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageError, load_image
 
 MAX_NEW_TOKENS = 256
@@ -263,8 +265,7 @@ class Shell:
         for row, req in pending:
             result = req.result()
             row["caption"] = result.text
-            row["confidence"] = round(result.stats.confidence[0], 4)
-            row["unfamiliar"] = self.cap.unfamiliar(result.stats.confidence[0], task)
+            row.update(judgement(result.stats.confidence[0], self.cap, task))  # never NaN in the JSONL
         tables = write_tables(rows, self._table_dir())
         table = [[r["file"], r["caption"], r["confidence"], r["unfamiliar"], r["error"]] for r in rows]
         summary = f"{len(pending)} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"

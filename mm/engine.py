@@ -23,6 +23,11 @@ only batched. A speculative (MTP) request runs with its drafts while it is the o
 speculation reproduces token for token anyway; in a shared batch drafts only add work.
 Each request gets its own stats, expert load included, from the per-row routing counts
 that every forward returns.
+
+A request is read from a thread (`stream`, `result`) or from an event loop (`astream`,
+`aresult`, which hold no thread while they wait). A failed forward fails only its requests;
+if the loop itself ends, for any reason and any exception type, every request in flight or
+queued, and every later `submit`, fails with `EngineClosed` saying why: nothing waits forever.
 """
 
 from __future__ import annotations

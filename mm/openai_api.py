@@ -245,13 +245,16 @@ def _finish(res, eos_id: int) -> str:
     return "stop" if res.tokens and res.tokens[-1] == eos_id else "length"
 
 
-def _judgement(res, engine: Engine, task: str) -> dict:
-    """confidence and unfamiliar; both null when the confidence is not a number (JSON has no NaN,
-    and no judgement may rest on one)."""
-    conf = res.stats.confidence[0]
+def judgement(conf: float, cap, task: str) -> dict:
+    """{"confidence", "unfamiliar"} as the API and the page's tables report them: both None when
+    the confidence is not a number (JSON has no NaN, and no flag may rest on one)."""
     if not math.isfinite(conf):
         return {"confidence": None, "unfamiliar": None}
-    return {"confidence": round(conf, 4), "unfamiliar": engine.cap.unfamiliar(conf, task)}
+    return {"confidence": round(conf, 4), "unfamiliar": cap.unfamiliar(conf, task)}
+
+
+def _judgement(res, engine: Engine, task: str) -> dict:
+    return judgement(res.stats.confidence[0], engine.cap, task)
 
 
 def _usage(prompt_tokens: int, res) -> dict:

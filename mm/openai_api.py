@@ -31,6 +31,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from mm.engine import Cancelled, Engine, EngineBusy, EngineClosed
 from vision.preprocess import ImageError, load_image
@@ -177,6 +178,8 @@ def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
             req, task, stream, include_usage = await run_in_threadpool(submit, raw)
         except APIError as e:
             return e.response()
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            return Response(status_code=499)
         except EngineBusy as e:
             return APIError(429, str(e), kind="server_busy").response()
         except EngineClosed as e:

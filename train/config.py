@@ -215,6 +215,7 @@ class TrainConfig(ConfigBase):
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) when launched by torchrun
     pipeline: ParallelConfig = field(default_factory=ParallelConfig)  # stages > 1: pipeline x data parallel
+    expert_parallel: int = 1  # N > 1: each MoE layer's routed experts split over N of the data-parallel ranks
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     add_tasks: dict = field(default_factory=dict)  # task -> prompt the model gains (teaching a new task)
     tensorboard: bool = False
@@ -232,6 +233,7 @@ class TrainConfig(ConfigBase):
         ]:
             if value not in allowed:
                 raise ConfigError(f"TrainConfig.{name}: {value!r} is not one of {allowed}")
+        check_expert_parallel(self)
         known = sorted(self.model.tasks | self.add_tasks)
         bad_tasks = {k: v for k, v in self.add_tasks.items() if not (isinstance(v, str) and v.strip())}
         check_ranges("TrainConfig", [
@@ -254,6 +256,32 @@ class TrainConfig(ConfigBase):
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1", self.max_bad_steps),
             (bool(self.out_dir), "out_dir must not be empty", self.out_dir),
         ])
+
+
+def check_expert_parallel(cfg: TrainConfig) -> None:
+    """What `expert_parallel` needs from the model and the other settings (the world size is checked
+    at launch, train/parallel/expert_parallel.py); each refusal says why."""
+    n, lm = cfg.expert_parallel, cfg.model.lm
+    if n == 1:
+        return
+    if n < 1:
+        raise ConfigError(f"TrainConfig.expert_parallel must be >= 1 (1 = off), got {n}")
+    if lm.n_routed_experts == 0 or lm.first_k_dense_replace >= lm.num_hidden_layers:
+        raise ConfigError(f"expert_parallel={n}: the model has no MoE layers (n_routed_experts="
+                          f"{lm.n_routed_experts}, first_k_dense_replace={lm.first_k_dense_replace} of "
+                          f"{lm.num_hidden_layers} layers); there are no experts to split")
+    if lm.n_routed_experts % n:
+        raise ConfigError(f"expert_parallel={n} does not divide model.lm.n_routed_experts="
+                          f"{lm.n_routed_experts}; choose a divisor of it")
+    refused = [
+        (cfg.pipeline.stages > 1, "pipeline.stages > 1: the EP group would have to run each stage's MoE "
+         "layers in lockstep inside the schedule; not supported yet"),
+        (cfg.parallel == "fsdp", "parallel=fsdp: FSDP2 would shard and gather the local experts as if every "
+         "rank held all of them; use parallel=ddp with expert_parallel"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise ConfigError(f"expert_parallel={n} with {why}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -46,11 +46,16 @@ class TrainingStopped(RuntimeError):
 
 
 def parallelize(model: CaptionModel, cfg: TrainConfig, info: D.DistInfo):
-    """The parallelism that runs `model`: pipeline x data parallel, or data parallel (DDP/FSDP2, or none)."""
+    """The parallelism that runs `model`: pipeline x data parallel, expert x data parallel, or data
+    parallel (DDP/FSDP2, or none)."""
     if cfg.pipeline.stages > 1:
         from train.parallel.pipeline import PipelineParallel, make_grid
 
         return PipelineParallel(model, cfg, make_grid(info, cfg.pipeline.stages))
+    if cfg.expert_parallel > 1:
+        from train.parallel.expert_parallel import ExpertParallel
+
+        return ExpertParallel(model, cfg, info)
     return DataParallel(model, cfg, info)
 
 
@@ -145,6 +150,10 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
 
         check_supported(cfg)
     info = D.setup()
+    if cfg.expert_parallel > 1:
+        from train.parallel.expert_parallel import check_world
+
+        check_world(cfg, info)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     say = (lambda m: tqdm.write(m)) if info.is_main else (lambda m: None)

@@ -35,9 +35,9 @@ class DataParallel:
     pipelined = False  # the loop's one branch (trainer.forward_backward): each rank runs the whole model
     holds_loss = True
 
-    def __init__(self, model: CaptionModel, cfg: TrainConfig, info: DistInfo):
+    def __init__(self, model: CaptionModel, cfg: TrainConfig, info: DistInfo, keep_own: tuple[str, ...] = ()):
         self.parts, self.info, self.data_info, self.dp_size = model, info, info, info.world_size
-        self.model = wrap(model, info, cfg.parallel)
+        self.model = wrap(model, info, cfg.parallel, keep_own)
         self.fsdp = info.enabled and cfg.parallel == "fsdp"
 
     @property

@@ -60,8 +60,9 @@ def barrier(info: DistInfo):
         dist.barrier()
 
 
-def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Module:
-    """DDP (the default) or FSDP2 `fully_shard` per LM block, vision encoder and root."""
+def wrap(model: torch.nn.Module, info: DistInfo, parallel: str, keep_own: tuple[str, ...] = ()) -> torch.nn.Module:
+    """DDP (the default) or FSDP2 `fully_shard` per LM block, vision encoder and root. DDP leaves the
+    parameters named in `keep_own` alone (expert parallelism reduces them over their own group)."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
@@ -82,6 +83,6 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
     # (BatchNorm statistics, which should stay in step across ranks).
     counters = [f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, MoE)
                 for buf in ("load",)]
-    DDP._set_params_and_buffers_to_ignore_for_model(model, counters)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, counters + list(keep_own))
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 

@@ -1,0 +1,124 @@
+"""Expert parallelism: EP x DDP takes the steps of the plain DDP run of the same world size (losses,
+router biases, every weight) with uneven routing, an idle expert and an idle rank; its checkpoints
+are in the global layout, so a run resumes at another EP degree; bad settings are named errors."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lm.config import ConfigError
+from train.config import TrainConfig
+from train.parallel.dist import DistInfo
+from train.parallel.expert_parallel import check_world
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # for conftest helpers
+from conftest import micro_config, micro_train_config, run_ranks  # noqa: E402
+
+STEPS = 4
+# The micro model's one MoE layer has 4 experts, top-2. A router bias of -10 keeps an expert unchosen
+# (sigmoid scores are in [0, 1]; the bias moves 0.01 a step): under EP=2, expert 3 idle leaves rank 1
+# one idle expert, experts 2 and 3 idle leave rank 1 no tokens at all.
+RUN = """
+cfg = cfg.replace(optim=cfg.optim.replace(max_steps={steps}, batch_size=8), log_every=1, save_every=2,
+                  expert_parallel={ep})
+real_build = T.build_model
+def build_model(cfg, tok):
+    model = real_build(cfg, tok)
+    with torch.no_grad():
+        model.lm.layers[1].ffn.gate.bias[{idle}] = -10.0
+    return model
+T.build_model = build_model
+{more}
+"""
+
+
+def train_ranks(shards, out: Path, ep: int, nproc: int, idle: str, more: str = "") -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    return run_ranks(shards, out, RUN.format(steps=STEPS, ep=ep, idle=idle, more=more), nproc=nproc)
+
+
+def checkpoint(out: Path, step: int) -> dict:
+    return load_file(str(out / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+
+
+def losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss_main"] for line in lines]
+
+
+def assert_same_run(a: Path, b: Path, step: int = STEPS, tol: float = 1e-5) -> None:
+    wa, wb = checkpoint(a, step), checkpoint(b, step)
+    assert sorted(wa) == sorted(wb)  # the global layout: every expert in both
+    worst = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
+    assert max(worst.values()) < tol, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
+    assert [k for k in wa if k.endswith("gate.bias") and not torch.equal(wa[k], wb[k])] == []
+
+
+def assert_ranks_agree_on_biases(states: list[dict]) -> None:
+    biases = [k for k in states[0] if k.endswith("gate.bias")]
+    assert biases and all(torch.equal(s[k], states[0][k]) for s in states for k in biases)
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(synth_shards, tmp_path_factory):
+    """Plain DDP and EP=2, both over 2 ranks, expert 3 idle."""
+    root = tmp_path_factory.mktemp("ep2")
+    ddp = train_ranks(synth_shards["train"], root / "ddp", 1, 2, "3")
+    ep = train_ranks(synth_shards["train"], root / "ep", 2, 2, "3")
+    return root, ddp, ep
+
+
+def test_ep2_over_two_ranks_equals_ddp(two_rank_runs):
+    root, ddp, ep = two_rank_runs
+    assert_same_run(root / "ddp", root / "ep")
+    assert losses(root / "ep") == pytest.approx(losses(root / "ddp"), abs=1e-5)
+    assert len(losses(root / "ep")) == STEPS
+    assert_ranks_agree_on_biases(ep)
+    w1 = "lm.layers.1.ffn.experts.w1"  # each rank holds its half of the experts, and only that
+    assert [s[w1].shape[0] for s in ep] == [2, 2] and ddp[0][w1].shape[0] == 4
+    full = checkpoint(root / "ep", STEPS)[w1]
+    assert torch.equal(torch.cat([ep[0][w1], ep[1][w1]]), full)
+
+
+def test_resume_at_another_ep_degree(two_rank_runs, synth_shards):
+    """The EP=2 run's step-2 checkpoint continues under plain DDP, and the DDP run's under EP=2."""
+    root, _, _ = two_rank_runs
+    for source, ep in (("ep", 1), ("ddp", 2)):
+        out = root / f"resume-{source}"
+        resume = str(root / source / "checkpoints" / f"step-{2:08d}")
+        train_ranks(synth_shards["train"], out, ep, 2, "3", more=f"train_options['resume'] = {resume!r}")
+        assert_same_run(root / "ddp", out)
+        assert_same_run(root / source, out)
+
+
+def test_ep2_times_dp2_over_four_ranks_equals_ddp(synth_shards, tmp_path):
+    """Rank 1 and 3 (EP rank 1 of each replica) hold experts 2 and 3, which no token picks."""
+    ddp = train_ranks(synth_shards["train"], tmp_path / "ddp", 1, 4, "2:")
+    ep = train_ranks(synth_shards["train"], tmp_path / "ep", 2, 4, "2:")
+    assert_same_run(tmp_path / "ddp", tmp_path / "ep")
+    assert losses(tmp_path / "ep") == pytest.approx(losses(tmp_path / "ddp"), abs=1e-5)
+    assert_ranks_agree_on_biases(ep)
+    w2 = "lm.layers.1.ffn.experts.w2"  # replicas of the same experts agree
+    assert torch.equal(ep[0][w2], ep[2][w2]) and torch.equal(ep[1][w2], ep[3][w2])
+    del ddp
+
+
+def test_bad_settings_are_named_errors(synth_shards, tmp_path):
+    base = micro_train_config(synth_shards, tmp_path)
+    with pytest.raises(ConfigError, match="does not divide model.lm.n_routed_experts=4"):
+        base.replace(expert_parallel=3)
+    with pytest.raises(ConfigError, match="no MoE layers"):
+        base.replace(model=micro_config(first_k_dense_replace=2), expert_parallel=2)
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        base.replace(expert_parallel=0)
+    with pytest.raises(ConfigError, match="does not divide the world size 6"):
+        check_world(base.replace(expert_parallel=4), DistInfo(world_size=6))
+    with pytest.raises(ConfigError, match="does not divide the world size 1"):
+        check_world(base.replace(expert_parallel=2), DistInfo(world_size=1))
+    check_world(base.replace(expert_parallel=2), DistInfo(world_size=4))  # fine
+    cfg = TrainConfig.from_dict(base.to_dict() | {"expert_parallel": 2})  # the config key as JSON gives it
+    assert cfg.expert_parallel == 2

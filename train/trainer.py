@@ -120,7 +120,7 @@ def validation_loss(par, cfg: TrainConfig, open_stream) -> float:
     with plain_precision(par.parts, cfg):
         for _ in range(cfg.eval_batches):
             batch = stream.next(stop_at_epoch_end=True)
-            if batch is None:
+            if par.stop_together(batch is None):
                 break
             total[0] += forward_backward(par, batch, cfg, backward=False)[1].double()
             total[1] += par.holds_loss

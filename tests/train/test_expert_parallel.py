@@ -84,17 +84,19 @@ def test_ep2_over_two_ranks_equals_ddp(two_rank_runs):
     assert torch.equal(torch.cat([ep[0][w1], ep[1][w1]]), full)
 
 
-def test_resume_at_another_ep_degree(two_rank_runs, synth_shards):
-    """The EP=2 run's step-2 checkpoint continues under plain DDP, and the DDP run's under EP=2."""
+@pytest.mark.parametrize("source, ep", [("ep", 1), pytest.param("ddp", 2, marks=pytest.mark.slow)])
+def test_resume_at_another_ep_degree(two_rank_runs, synth_shards, source, ep):
+    """The EP=2 run's step-2 checkpoint continues under plain DDP (and the DDP run's under EP=2)
+    and takes the steps both uninterrupted runs took."""
     root, _, _ = two_rank_runs
-    for source, ep in (("ep", 1), ("ddp", 2)):
-        out = root / f"resume-{source}"
-        resume = str(root / source / "checkpoints" / f"step-{2:08d}")
-        train_ranks(synth_shards["train"], out, ep, 2, "3", more=f"train_options['resume'] = {resume!r}")
-        assert_same_run(root / "ddp", out)
-        assert_same_run(root / source, out)
+    out = root / f"resume-{source}"
+    resume = str(root / source / "checkpoints" / f"step-{2:08d}")
+    train_ranks(synth_shards["train"], out, ep, 2, "3", more=f"train_options['resume'] = {resume!r}")
+    assert_same_run(root / "ddp", out)
+    assert_same_run(root / source, out)
 
 
+@pytest.mark.slow
 def test_ep2_times_dp2_over_four_ranks_equals_ddp(synth_shards, tmp_path):
     """Rank 1 and 3 (EP rank 1 of each replica) hold experts 2 and 3, which no token picks."""
     ddp = train_ranks(synth_shards["train"], tmp_path / "ddp", 1, 4, "2:")

@@ -57,6 +57,11 @@ class DataParallel:
             return contextlib.nullcontext()
         return self.model.no_sync()
 
+    def stop_together(self, done: bool) -> bool:
+        """Whether a loop over this rank's batches ends here; each rank decides alone (no collective
+        runs in a forward)."""
+        return done
+
     def clip_grads(self, max_norm: float) -> float:
         params = [p for p in self.parts.parameters() if p.grad is not None]
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf))

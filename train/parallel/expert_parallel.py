@@ -53,6 +53,13 @@ class ExpertParallel(DataParallel):
         return (f"{super().describe()}; expert parallel: {g.ep_size} ranks per EP group, {g.replicas} "
                 f"replica(s) of each expert, {len(self.expert_names)} expert tensors sharded")
 
+    def stop_together(self, done: bool) -> bool:
+        """Every forward is a collective of the EP group, so a loop over batches (the validation
+        loss) ends on every rank as soon as one rank has no batch left."""
+        flag = torch.tensor([float(done)], device=self.info.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag[0])
+
     def clip_grads(self, max_norm: float) -> float:
         """Reduce the expert gradients over their replica group, clip by the norm of the whole model."""
         self.reduce_expert_grads()

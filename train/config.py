@@ -278,6 +278,8 @@ def check_expert_parallel(cfg: TrainConfig) -> None:
          "layers in lockstep inside the schedule; not supported yet"),
         (cfg.parallel == "fsdp", "parallel=fsdp: FSDP2 would shard and gather the local experts as if every "
          "rank held all of them; use parallel=ddp with expert_parallel"),
+        (cfg.lora.enabled, "lora: saved adapters and the merged export are written from a rank's own "
+         "modules, which hold only its slice of the experts' adapters; not supported yet"),
     ]
     for bad, why in refused:
         if bad:

@@ -221,7 +221,8 @@ def main():
         print(f"{ep:>3}{r['expert_bytes'] / 2**20:>11.2f}{r['expert_bytes_ratio']:>8.3f}{r['peak_rss_mb']:>9.0f}"
               f"{r['step_ms']:>9.1f}{r['a2a_bytes_per_token']['unlimited']:>11.0f}"
               f"{r['a2a_bytes_per_token']['node_limited']:>9.0f}{r['exposed_comm_ms']['overlap']:>12.2f}"
-              f"{r['exposed_comm_ms']['no_overlap']:>12.2f}{hidden:>8.0%}{r['max_loss_diff_vs_ddp']:>11.1e}")
+              f"{r['exposed_comm_ms']['no_overlap']:>12.2f}{f'{hidden:.0%}' if ep > 1 else '-':>8}"
+              f"{r['max_loss_diff_vs_ddp']:>11.1e}")
     for r in result.values():
         r.pop("losses")
     print(json.dumps({"bench": "expert_parallel", "device": "cpu", "backend": "gloo", "ranks": args.ranks,

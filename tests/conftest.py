@@ -101,7 +101,8 @@ def prepare(model, cfg, info, log=print):
 T.prepare = prepare
 T.train(cfg, **train_options)
 rank = torch.distributed.get_rank()
-state = {{k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()}}
+full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2's shards, whole (a collective)
+state = {{k: full(v).detach().contiguous() for k, v in captured["model"].state_dict().items()}}
 save_file(state, {out!r} + f"/rank{{rank}}.safetensors")
 D.teardown()
 """

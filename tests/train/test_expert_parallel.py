@@ -129,7 +129,6 @@ def test_bad_settings_are_named_errors(synth_shards, tmp_path):
     with pytest.raises(ConfigError, match="no MoE layers"):
         base.replace(model=micro_config(first_k_dense_replace=2), expert_parallel=2)
     for refused, changes in (("pipeline.stages > 1", {"pipeline": base.pipeline.replace(stages=2)}),
-                             ("parallel=fsdp", {"parallel": "fsdp"}),
                              ("lora", {"lora": base.lora.replace(enabled=True)})):
         with pytest.raises(ConfigError, match=f"expert_parallel=2 with {refused}"):
             base.replace(expert_parallel=2, **changes)
@@ -159,3 +158,14 @@ def test_ep2_with_fp8_follows_ddp_with_fp8(synth_shards, tmp_path):
     assert ep[0] == ddp[0]
     assert ep == pytest.approx(ddp, rel=1e-3)
     assert_same_run(tmp_path / "ddp", tmp_path / "ep", tol=3e-2)
+
+
+@pytest.mark.slow
+def test_ep2_with_fsdp2_equals_fsdp2(synth_shards, tmp_path):
+    """FSDP2 shards the non-expert parameters over both ranks and leaves the local experts to EP."""
+    fsdp = "cfg = cfg.replace(parallel='fsdp')"
+    train_ranks(synth_shards["train"], tmp_path / "fsdp", 1, 2, "3", more=fsdp)
+    states = train_ranks(synth_shards["train"], tmp_path / "ep", 2, 2, "3", more=fsdp)
+    assert_same_run(tmp_path / "fsdp", tmp_path / "ep")
+    assert losses(tmp_path / "ep") == pytest.approx(losses(tmp_path / "fsdp"), abs=1e-5)
+    assert_ranks_agree_on_biases(states)

@@ -61,17 +61,18 @@ def barrier(info: DistInfo):
 
 
 def wrap(model: torch.nn.Module, info: DistInfo, parallel: str, keep_own: tuple[str, ...] = ()) -> torch.nn.Module:
-    """DDP (the default) or FSDP2 `fully_shard` per LM block, vision encoder and root. DDP leaves the
+    """DDP (the default) or FSDP2 `fully_shard` per LM block, vision encoder and root. Both leave the
     parameters named in `keep_own` alone (expert parallelism reduces them over their own group)."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        own = {p for n, p in model.named_parameters() if n in keep_own} or None
         for block in model.lm.layers:
-            fully_shard(block)
+            fully_shard(block, ignored_params=own)
         fully_shard(model.vision)
-        fully_shard(model)
+        fully_shard(model, ignored_params=own)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from lm.config import CheckpointError, ConfigError
 from mm.checkpoint import load_checkpoint
@@ -44,9 +45,10 @@ class ExpertParallel(DataParallel):
     def __init__(self, model: CaptionModel, cfg: TrainConfig, info: DistInfo):
         self.groups = make_expert_groups(info, cfg.expert_parallel)
         self.expert_names = shard_experts(model, self.groups)  # name -> global experts along dim 0
-        super().__init__(model, cfg, info, keep_own=tuple(self.expert_names))
         params = dict(model.named_parameters())
-        self.expert_params = [params[n] for n in self.expert_names if n in params and params[n].requires_grad]
+        self.local = {n: params[n] for n in self.expert_names if n in params}  # this rank's slices
+        self.expert_params = [p for p in self.local.values() if p.requires_grad]
+        super().__init__(model, cfg, info, keep_own=tuple(self.expert_names))
 
     def describe(self) -> str:
         g = self.groups
@@ -64,13 +66,14 @@ class ExpertParallel(DataParallel):
         """Reduce the expert gradients over their replica group, clip by the norm of the whole model."""
         self.reduce_expert_grads()
         own = {id(p) for p in self.expert_params}
-        params = [p for p in self.parts.parameters() if p.grad is not None]
-        replicated = [p.grad for p in params if id(p) not in own]
-        sharded = torch.stack([norm_squared([p.grad for p in self.expert_params], self.info.device)])
+        replicated = [p for p in self.parts.parameters() if p.grad is not None and id(p) not in own]
+        sharded = norm_squared([p.grad for p in self.expert_params], self.info.device).reshape(1)
         dist.all_reduce(sharded, group=self.groups.ep_group)
-        total = (norm_squared(replicated, self.info.device) + sharded[0]).sqrt()
-        if max_norm > 0 and params:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.dtype))
+        total = (norm_squared([p.grad for p in replicated], self.info.device) + sharded[0]).sqrt()
+        if max_norm > 0:
+            for params in (replicated, self.expert_params):  # FSDP's DTensor gradients and plain ones apart
+                if params:
+                    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return float(total)
 
     def reduce_expert_grads(self) -> None:
@@ -89,19 +92,24 @@ class ExpertParallel(DataParallel):
 
     def gather_state(self, opt, sched) -> tuple[dict, dict, dict] | None:
         """(weights, optimiser state, scheduler state) in the global layout on rank 0, None elsewhere."""
-        weights, optim = self.parts.state_dict(), opt.state_dict()
-        if self.info.rank < self.groups.ep_size:  # the first replica: rank 0's EP group
-            for name in self.expert_names:
-                weights[name] = self.gather_experts(weights[name])
-            names = param_names(opt, self.parts)
-            optim["state"] = {i: ({k: self.gather_experts(v) if self._is_slice(v, names[i]) else v
-                                   for k, v in s.items()} if names[i] in self.expert_names else s)
-                              for i, s in optim["state"].items()}
-        return (weights, optim, sched.state_dict()) if self.info.is_main else None
+        full = super().gather_state(opt, sched)  # expert tensors in it, if any, are rank 0's slices
+        if self.info.rank >= self.groups.ep_size:  # only the first replica (rank 0's EP group) sends
+            return full
+        keys = self.optim_keys(full[1]["state"], opt) if full else {}
+        for name, p in self.local.items():
+            weight = self.gather_experts(p.detach())
+            moments = {k: self.gather_experts(v) for k, v in sorted(opt.state.get(p, {}).items())
+                       if isinstance(v, torch.Tensor) and v.dim() >= 1}
+            if full:
+                full[0][name] = weight
+                if name in keys:
+                    full[1]["state"][keys[name]] = {**full[1]["state"][keys[name]], **moments}
+        return full
 
-    def _is_slice(self, t, name: str) -> bool:
-        return isinstance(t, torch.Tensor) and t.dim() >= 1 and \
-            t.shape[0] == self.expert_names[name] // self.groups.ep_size
+    def optim_keys(self, state: dict, opt) -> dict:
+        """Parameter name -> its key in an optimiser state dict: an index (DDP) or the name (FSDP2's)."""
+        names = param_names(opt, self.parts) if not self.fsdp else None
+        return {(k if isinstance(k, str) else names[k]): k for k in state}
 
     def gather_experts(self, t: torch.Tensor) -> torch.Tensor:
         """Every EP rank's slice of one expert tensor, concatenated on EP rank 0 (the others get theirs back)."""
@@ -116,18 +124,20 @@ class ExpertParallel(DataParallel):
         for name, n in self.expert_names.items():
             if name in weights:
                 weights[name] = self.own_slice(weights[name], n, f"{path / 'model.safetensors'}: {name}")
-        names, saved = param_names(opt, self.parts), blob["optimizer"]
-        state = {i: ({k: self.own_slice(v, self.expert_names[names[i]], f"optimiser state of {names[i]}")
-                      if isinstance(v, torch.Tensor) and v.dim() >= 1 else v for k, v in s.items()}
-                     if i < len(names) and names[i] in self.expert_names else s)
-                 for i, s in saved["state"].items()}
+        saved = blob["optimizer"]
+        state = dict(saved["state"])
+        for name, key in self.optim_keys(state, opt).items():
+            if name in self.expert_names:
+                state[key] = {k: self.own_slice(v, self.expert_names[name], f"optimiser state of {name}")
+                              if isinstance(v, torch.Tensor) and v.dim() >= 1 else v for k, v in state[key].items()}
         super().load_state(weights, dict(blob, optimizer=dict(saved, state=state)), opt, sched, path)
 
     def own_slice(self, t: torch.Tensor, n_experts: int, what: str) -> torch.Tensor:
         if t.shape[0] != n_experts:
             raise CheckpointError(f"{what}: {t.shape[0]} experts along dim 0, this model has {n_experts} "
                                   f"(a checkpoint of another model?)")
-        return t[self.groups.owned(n_experts)]
+        # a copy, not a view: a view would keep the whole file's tensor (every expert) alive as optimiser state
+        return t[self.groups.owned(n_experts)].clone()
 
     def full_model(self, checkpoint) -> CaptionModel:
         """The whole model, for export: read back from the last (gathered) checkpoint."""
@@ -135,7 +145,10 @@ class ExpertParallel(DataParallel):
 
 
 def norm_squared(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """The squared 2-norm of gradients, whole (FSDP2's sharded DTensor norms are reduced first)."""
     if not grads:
         return torch.zeros((), device=device)
-    return torch.nn.utils.get_total_norm(grads).float().square()
-
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    return total.float().square()

@@ -169,3 +169,6 @@ def test_ep2_with_fsdp2_equals_fsdp2(synth_shards, tmp_path):
     assert_same_run(tmp_path / "fsdp", tmp_path / "ep")
     assert losses(tmp_path / "ep") == pytest.approx(losses(tmp_path / "fsdp"), abs=1e-5)
     assert_ranks_agree_on_biases(states)
+    resume = str(tmp_path / "ep" / "checkpoints" / f"step-{2:08d}")  # and its checkpoint resumes under EP x FSDP2
+    train_ranks(synth_shards["train"], tmp_path / "resumed", 2, 2, "3", more=f"{fsdp}\ntrain_options['resume'] = {resume!r}")
+    assert_same_run(tmp_path / "fsdp", tmp_path / "resumed")

@@ -276,8 +276,6 @@ def check_expert_parallel(cfg: TrainConfig) -> None:
     refused = [
         (cfg.pipeline.stages > 1, "pipeline.stages > 1: the EP group would have to run each stage's MoE "
          "layers in lockstep inside the schedule; not supported yet"),
-        (cfg.lora.enabled, "lora: saved adapters and the merged export are written from a rank's own "
-         "modules, which hold only its slice of the experts' adapters; not supported yet"),
     ]
     for bad, why in refused:
         if bad:

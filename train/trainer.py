@@ -176,7 +176,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     if save_adapters and info.is_main:
         from train.lora_files import save_adapters as write_adapters
 
-        say(f"adapters saved in {write_adapters(par.parts, save_adapters, cfg.lora)}")
+        say(f"adapters saved in {write_adapters(par.full_model(last), save_adapters, cfg.lora)}")
     D.barrier(info)
     return last
 

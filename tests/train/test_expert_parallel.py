@@ -1,6 +1,8 @@
 """Expert parallelism: EP x DDP takes the steps of the plain DDP run of the same world size (losses,
 router biases, every weight) with uneven routing, an idle expert and an idle rank; its checkpoints
-are in the global layout, so a run resumes at another EP degree; bad settings are named errors."""
+are in the global layout, so a run resumes at another EP degree, and its export captions as the DDP
+run's; EP x FSDP2, EP with LoRA and EP with FP8 follow their non-EP runs (slow); the dispatch sends
+a token once per rank, within the node limit; bad settings are named errors."""
 
 import json
 import sys
@@ -36,9 +38,9 @@ T.build_model = build_model
 """
 
 
-def train_ranks(shards, out: Path, ep: int, nproc: int, idle: str, more: str = "") -> list[dict]:
+def train_ranks(shards, out: Path, ep: int, nproc: int, idle: str, more: str = "", freeze: bool = False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
-    return run_ranks(shards, out, RUN.format(steps=STEPS, ep=ep, idle=idle, more=more), nproc=nproc)
+    return run_ranks(shards, out, RUN.format(steps=STEPS, ep=ep, idle=idle, more=more), nproc=nproc, freeze=freeze)
 
 
 def checkpoint(out: Path, step: int) -> dict:
@@ -122,6 +124,26 @@ def test_ep2_times_dp2_over_four_ranks_equals_ddp(synth_shards, tmp_path):
     del ddp
 
 
+@pytest.mark.parametrize("n_group, topk_group, bound", [(1, 1, 4), (4, 2, 2), (8, 2, 2), (4, 1, 1)])
+def test_send_plan_sends_a_token_once_per_rank_within_the_node_limit(n_group, topk_group, bound):
+    """16 experts top-4 over 4 EP ranks: each (token, expert) pair reaches its expert's rank exactly
+    once, a token travels once per rank it needs, and group-limited routing with n_group a multiple
+    of the EP degree bounds those ranks by topk_group (DeepSeek-V3's node-limited routing)."""
+    from lm.moe import route
+    from train.parallel.expert_dispatch import send_plan
+
+    cfg = micro_config(n_routed_experts=16, num_experts_per_tok=4, n_group=n_group, topk_group=topk_group).lm
+    weights, idx, _ = route(torch.randn(64, 16), torch.randn(16), cfg)
+    token, here, slots, sends = send_plan(idx, 4, 4)
+    dest = torch.repeat_interleave(torch.arange(4), sends)
+    assert int(sends.sum()) == token.numel() and bool((torch.diff(dest) >= 0).all())
+    pairs = {(int(t), int(d) * 4 + int(s)) for t, d, row in zip(token, dest, slots) for s in row if s >= 0}
+    assert pairs == {(t, int(e)) for t in range(64) for e in idx[t]}  # every pair once, on its owner
+    assert len(set(zip(token.tolist(), dest.tolist()))) == token.numel()  # a token once per rank
+    assert bool((here == (slots >= 0)).all())
+    assert int(torch.bincount(token, minlength=64).max()) <= bound
+
+
 def test_bad_settings_are_named_errors(synth_shards, tmp_path):
     base = micro_train_config(synth_shards, tmp_path)
     with pytest.raises(ConfigError, match="does not divide model.lm.n_routed_experts=4"):
@@ -129,7 +151,7 @@ def test_bad_settings_are_named_errors(synth_shards, tmp_path):
     with pytest.raises(ConfigError, match="no MoE layers"):
         base.replace(model=micro_config(first_k_dense_replace=2), expert_parallel=2)
     for refused, changes in (("pipeline.stages > 1", {"pipeline": base.pipeline.replace(stages=2)}),
-                             ("lora", {"lora": base.lora.replace(enabled=True)})):
+                             ):
         with pytest.raises(ConfigError, match=f"expert_parallel=2 with {refused}"):
             base.replace(expert_parallel=2, **changes)
     with pytest.raises(ConfigError, match="must be >= 1"):
@@ -172,3 +194,20 @@ def test_ep2_with_fsdp2_equals_fsdp2(synth_shards, tmp_path):
     resume = str(tmp_path / "ep" / "checkpoints" / f"step-{2:08d}")  # and its checkpoint resumes under EP x FSDP2
     train_ranks(synth_shards["train"], tmp_path / "resumed", 2, 2, "3", more=f"{fsdp}\ntrain_options['resume'] = {resume!r}")
     assert_same_run(tmp_path / "fsdp", tmp_path / "resumed")
+
+
+@pytest.mark.slow
+def test_ep2_with_lora_equals_ddp_with_lora(synth_shards, tmp_path):
+    """LoRA fine-tuning: each rank trains the adapters of its own experts; the checkpoint, the saved
+    adapters (every expert's) and the merged export are the DDP run's."""
+    more = ("cfg = cfg.replace(lora=cfg.lora.replace(enabled=True, rank=4))\n"
+            "train_options.update(save_adapters=cfg.out_dir + '/adapters', export=cfg.out_dir + '/export')")
+    for name, ep in (("ddp", 1), ("ep", 2)):
+        train_ranks(synth_shards["train"], tmp_path / name, ep, 2, "3", more=more, freeze=True)
+    assert_same_run(tmp_path / "ddp", tmp_path / "ep")
+    # fp32 adapters to 1e-5; the bf16 export to a bf16 rounding step of the merged weights
+    for file, has_expert_adapters, tol in (("adapters/adapters.safetensors", True, 1e-5),
+                                           ("export/model.safetensors", False, 1e-2)):
+        a, b = load_file(str(tmp_path / "ddp" / file)), load_file(str(tmp_path / "ep" / file))
+        assert sorted(a) == sorted(b) and any(".experts.lora." in k for k in a) == has_expert_adapters
+        assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < tol

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from lm.config import CheckpointError, ConfigError
-from mm.checkpoint import load_checkpoint
+from mm.checkpoint import load_checkpoint, load_state_strict, read_weights
 from mm.model import CaptionModel
 from train.config import TrainConfig
 from train.parallel.data_parallel import DataParallel
@@ -49,6 +49,7 @@ class ExpertParallel(DataParallel):
         self.local = {n: params[n] for n in self.expert_names if n in params}  # this rank's slices
         self.expert_params = [p for p in self.local.values() if p.requires_grad]
         super().__init__(model, cfg, info, keep_own=tuple(self.expert_names))
+        self.lora = cfg.lora
 
     def describe(self) -> str:
         g = self.groups
@@ -140,8 +141,23 @@ class ExpertParallel(DataParallel):
         return t[self.groups.owned(n_experts)].clone()
 
     def full_model(self, checkpoint) -> CaptionModel:
-        """The whole model, for export: read back from the last (gathered) checkpoint."""
-        return load_checkpoint(checkpoint)[0]
+        """The whole model, for export and saved adapters, from the last (gathered) checkpoint: with
+        LoRA, a fresh model given this run's adapters, trainable where this rank's model is."""
+        if not self.lora.enabled:
+            return load_checkpoint(checkpoint)[0]
+        from train.lora import apply_lora
+
+        cfg = self.parts.cfg
+        model = CaptionModel(cfg.replace(vision=cfg.vision.replace(pretrained=False, pretrained_file="")),
+                             image_token_id=self.parts.image_token_id)
+        model.cfg = cfg
+        apply_lora(model, self.lora)
+        path = Path(checkpoint) / "model.safetensors"
+        load_state_strict(model, read_weights(path), str(path))
+        trains = {n: p.requires_grad for n, p in self.parts.named_parameters()}
+        for n, p in model.named_parameters():
+            p.requires_grad_(trains.get(n, False))
+        return model
 
 
 def norm_squared(grads: list[torch.Tensor], device) -> torch.Tensor:

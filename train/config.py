@@ -266,7 +266,7 @@ def check_expert_parallel(cfg: TrainConfig) -> None:
         return
     if n < 1:
         raise ConfigError(f"TrainConfig.expert_parallel must be >= 1 (1 = off), got {n}")
-    if lm.n_routed_experts == 0 or lm.first_k_dense_replace >= lm.num_hidden_layers:
+    if not any(lm.is_moe_layer(i) for i in range(lm.num_hidden_layers)):
         raise ConfigError(f"expert_parallel={n}: the model has no MoE layers (n_routed_experts="
                           f"{lm.n_routed_experts}, first_k_dense_replace={lm.first_k_dense_replace} of "
                           f"{lm.num_hidden_layers} layers); there are no experts to split")
@@ -274,8 +274,11 @@ def check_expert_parallel(cfg: TrainConfig) -> None:
         raise ConfigError(f"expert_parallel={n} does not divide model.lm.n_routed_experts="
                           f"{lm.n_routed_experts}; choose a divisor of it")
     refused = [
-        (cfg.pipeline.stages > 1, "pipeline.stages > 1: the EP group would have to run each stage's MoE "
-         "layers in lockstep inside the schedule; not supported yet"),
+        (cfg.pipeline.stages > 1, "pipeline.stages > 1: EP inside each stage's data-parallel group needs the "
+         "pipeline's own gradient averaging, clipping and by-name checkpoint gather to know the expert "
+         "groups, and the split backward of zbv/dualpipev to run the all-to-alls in step; not supported yet"),
+        (cfg.compile, "compile=true: the dispatch's split sizes come from the routing of each batch (host "
+         "values), which break the compiled graph; not supported yet"),
     ]
     for bad, why in refused:
         if bad:

@@ -151,7 +151,7 @@ def test_bad_settings_are_named_errors(synth_shards, tmp_path):
     with pytest.raises(ConfigError, match="no MoE layers"):
         base.replace(model=micro_config(first_k_dense_replace=2), expert_parallel=2)
     for refused, changes in (("pipeline.stages > 1", {"pipeline": base.pipeline.replace(stages=2)}),
-                             ):
+                             ("compile=true", {"compile": True})):
         with pytest.raises(ConfigError, match=f"expert_parallel=2 with {refused}"):
             base.replace(expert_parallel=2, **changes)
     with pytest.raises(ConfigError, match="must be >= 1"):

@@ -1,5 +1,7 @@
 """Expert parallelism x data parallelism (`expert_parallel: N`): the routed experts split over N
-ranks (train/parallel/expert_dispatch.py), everything else replicated by DDP over all ranks.
+ranks (train/parallel/expert_dispatch.py), everything else replicated by DDP or sharded by FSDP2
+over all ranks (both told to leave the local experts alone). With LoRA the experts' adapters are
+split the same way; with FP8 the local experts run FP8's grouped GEMM.
 
 Gradients. DDP averages the non-expert parameters over every rank, as without EP. An expert's
 gradient on its owner already sums what every token its EP group routed to it contributes (the

@@ -41,6 +41,7 @@ from torch import nn
 from lm.config import LMConfig
 from lm.moe import MoE
 from lm.norm import RMSNorm
+from train.config import LoRAConfig
 from train.parallel import expert_dispatch as X
 from train.parallel.data_parallel import DataParallel
 from train.parallel.dist import DistInfo
@@ -72,7 +73,7 @@ def build(args, ep: int, info: DistInfo, limited: bool = False):
     for name, p in model.named_parameters():
         if "norm" not in name:
             nn.init.normal_(p, std=0.05)
-    cfg = SimpleNamespace(expert_parallel=ep, parallel="ddp")
+    cfg = SimpleNamespace(expert_parallel=ep, parallel="ddp", lora=LoRAConfig())  # what the parallelism reads
     par = ExpertParallel(model, cfg, info) if ep > 1 else DataParallel(model, cfg, info)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     return model, par, opt

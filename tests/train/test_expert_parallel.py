@@ -113,7 +113,8 @@ def test_resume_at_another_ep_degree(two_rank_runs, synth_shards, source, ep):
 
 @pytest.mark.slow
 def test_ep2_times_dp2_over_four_ranks_equals_ddp(synth_shards, tmp_path):
-    """Rank 1 and 3 (EP rank 1 of each replica) hold experts 2 and 3, which no token picks."""
+    """Ranks 1 and 3 (EP rank 1 of each replica) hold experts 2 and 3, which no token picks in layer 1:
+    they get no rows there, yet take part in every all-to-all."""
     ddp = train_ranks(synth_shards["train"], tmp_path / "ddp", 1, 4, "2:")
     ep = train_ranks(synth_shards["train"], tmp_path / "ep", 2, 4, "2:")
     assert_same_run(tmp_path / "ddp", tmp_path / "ep")

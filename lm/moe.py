@@ -140,6 +140,19 @@ class RoutedExperts(nn.Module):
         return torch.cat(parts) if parts else x.new_zeros(0, w.shape[1])
 
 
+def combine_experts(experts: RoutedExperts, x: torch.Tensor, token: torch.Tensor, expert: torch.Tensor,
+                    weight: torch.Tensor, n_experts: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grouped dispatch of (token, expert, weight) pairs: rows of x [M, D] sorted by expert, each
+    expert run once on its slice, weighted, and summed into out [n_out, D] (each row in ascending
+    expert order). Returns (out, pairs per expert [n_experts])."""
+    order = expert.argsort(stable=True)
+    counts = expert.bincount(minlength=n_experts)
+    token = token[order]
+    y = experts(x.index_select(0, token), counts)  # backward: one index_add
+    y = y * weight[order, None].to(y.dtype)
+    return x.new_zeros(n_out, x.shape[1]).index_add(0, token, y), counts
+
+
 def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int,
                           valid: torch.Tensor | None = None) -> torch.Tensor:
     """DeepSeek-V3 eq. 17-20 without alpha: sum_i f_i P_i per sequence, mean over sequences.
@@ -177,25 +190,29 @@ class MoE(nn.Module):
         b, t, d = x.shape
         flat = x.reshape(-1, d)
         weights, idx, scores = self.gate(flat)
-        y, _ = self.dispatch(flat, weights, idx)
+        y, shared = self.routed_and_shared(flat, weights, idx)
         counts = self._count(idx, b, valid)
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
+        if shared is not None:
+            y = y + shared
         aux = x.new_zeros((), dtype=torch.float32)
         if self.aux_loss_alpha > 0:
             aux = self.aux_loss_alpha * sequence_balance_loss(scores, idx, b, valid)
         return y.view(b, t, d), aux, counts
 
+    def routed_and_shared(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor):
+        """x [N, D] -> (routed experts' combined output [N, D], shared experts' output or None).
+
+        The seam of expert parallelism: train/parallel/expert_parallel.py replaces this on an
+        instance with a dispatch to other ranks that computes the shared experts while tokens travel.
+        """
+        y, _ = self.dispatch(x, weights, idx)
+        return y, self.shared_experts(x) if self.shared_experts is not None else None
+
     def dispatch(self, x: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor):
         """x [N, D] -> (sum_k weights[:, k] * expert_{idx[:, k]}(x) [N, D], tokens per expert [E])."""
         k = idx.shape[1]
-        flat_idx = idx.flatten()
-        order = flat_idx.argsort(stable=True)
-        counts = flat_idx.bincount(minlength=self.n_experts)
-        token = order // k  # source token of each sorted (token, expert) pair
-        y = self.experts(x.index_select(0, token), counts)  # backward: one index_add
-        y = y * weights.flatten()[order, None].to(y.dtype)
-        return x.new_zeros(x.shape).index_add(0, token, y), counts
+        token = torch.arange(idx.numel(), device=idx.device) // k  # source token of each (token, expert) pair
+        return combine_experts(self.experts, x, token, idx.flatten(), weights.flatten(), self.n_experts, x.shape[0])
 
     @torch.no_grad()
     def _count(self, idx: torch.Tensor, batch: int, valid: torch.Tensor | None) -> torch.Tensor:

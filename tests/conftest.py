@@ -89,6 +89,7 @@ spec.loader.exec_module(helpers)
 from train import trainer as T
 from train.parallel import dist as D
 cfg = helpers.micro_train_config({{"train": {shards!r}}}, {out!r})
+train_options = {{}}  # keyword arguments of trainer.train (resume, export), set by `changes`
 {changes}
 captured = {{}}
 real_prepare = T.prepare
@@ -98,9 +99,10 @@ def prepare(model, cfg, info, log=print):
     captured["model"] = model
     return real_prepare(model, cfg, info, log)
 T.prepare = prepare
-T.train(cfg)
+T.train(cfg, **train_options)
 rank = torch.distributed.get_rank()
-state = {{k: v.detach().contiguous() for k, v in captured["model"].state_dict().items()}}
+full = lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v  # FSDP2's shards, whole (a collective)
+state = {{k: full(v).detach().contiguous() for k, v in captured["model"].state_dict().items()}}
 save_file(state, {out!r} + f"/rank{{rank}}.safetensors")
 D.teardown()
 """
@@ -108,7 +110,14 @@ D.teardown()
 
 def run_two_ranks(shards: str, out, changes: str, freeze: bool = False):
     """Train the micro config under torchrun, 2 gloo processes; -> (rank 0's, rank 1's) final state
-    dicts. `changes` is Python that derives `cfg` (e.g. "cfg = cfg.replace(log_every=3)")."""
+    dicts. `changes` is Python that derives `cfg` (e.g. "cfg = cfg.replace(log_every=3)") and may
+    set `train_options`."""
+    return tuple(run_ranks(shards, out, changes, freeze=freeze, nproc=2))
+
+
+def run_ranks(shards: str, out, changes: str, freeze: bool = False, nproc: int = 2) -> list[dict]:
+    """`run_two_ranks` over `nproc` gloo processes: each rank's final state dict (its own tensors:
+    a rank's slice of the experts under expert parallelism)."""
     import os
     import subprocess
     import sys
@@ -117,11 +126,11 @@ def run_two_ranks(shards: str, out, changes: str, freeze: bool = False):
     from safetensors.torch import load_file
 
     out = Path(out)
-    script = out / "two_ranks.py"
+    script = out / "ranks.py"
     script.write_text(_TWO_RANK_SCRIPT.format(conftest=str(Path(__file__).resolve()), shards=shards,
                                               out=str(out), changes=changes, freeze=freeze))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
                            str(script)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
+    return [load_file(str(out / f"rank{r}.safetensors")) for r in range(nproc)]

@@ -216,6 +216,7 @@ class TrainConfig(ConfigBase):
     compile: bool = False
     parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard) when launched by torchrun
     pipeline: ParallelConfig = field(default_factory=ParallelConfig)  # stages > 1: pipeline x data parallel
+    expert_parallel: int = 1  # N > 1: each MoE layer's routed experts split over N of the data-parallel ranks
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     add_tasks: dict = field(default_factory=dict)  # task -> prompt the model gains (teaching a new task)
     tensorboard: bool = False
@@ -233,6 +234,7 @@ class TrainConfig(ConfigBase):
         ]:
             if value not in allowed:
                 raise ConfigError(f"TrainConfig.{name}: {value!r} is not one of {allowed}")
+        check_expert_parallel(self)
         known = sorted(self.model.tasks | self.add_tasks)
         bad_tasks = {k: v for k, v in self.add_tasks.items() if not (isinstance(v, str) and v.strip())}
         check_ranges("TrainConfig", [
@@ -255,6 +257,33 @@ class TrainConfig(ConfigBase):
             (self.max_bad_steps >= 1, "max_bad_steps must be >= 1", self.max_bad_steps),
             (bool(self.out_dir), "out_dir must not be empty", self.out_dir),
         ])
+
+
+def check_expert_parallel(cfg: TrainConfig) -> None:
+    """What `expert_parallel` needs from the model and the other settings (the world size is checked
+    at launch, train/parallel/expert_parallel.py); each refusal says why."""
+    n, lm = cfg.expert_parallel, cfg.model.lm
+    if n == 1:
+        return
+    if n < 1:
+        raise ConfigError(f"TrainConfig.expert_parallel must be >= 1 (1 = off), got {n}")
+    if not any(lm.is_moe_layer(i) for i in range(lm.num_hidden_layers)):
+        raise ConfigError(f"expert_parallel={n}: the model has no MoE layers (n_routed_experts="
+                          f"{lm.n_routed_experts}, first_k_dense_replace={lm.first_k_dense_replace} of "
+                          f"{lm.num_hidden_layers} layers); there are no experts to split")
+    if lm.n_routed_experts % n:
+        raise ConfigError(f"expert_parallel={n} does not divide model.lm.n_routed_experts="
+                          f"{lm.n_routed_experts}; choose a divisor of it")
+    refused = [
+        (cfg.pipeline.stages > 1, "pipeline.stages > 1: EP inside each stage's data-parallel group needs the "
+         "pipeline's own gradient averaging, clipping and by-name checkpoint gather to know the expert "
+         "groups, and the split backward of zbv/dualpipev to run the all-to-alls in step; not supported yet"),
+        (cfg.compile, "compile=true: the dispatch's split sizes come from the routing of each batch (host "
+         "values), which break the compiled graph; not supported yet"),
+    ]
+    for bad, why in refused:
+        if bad:
+            raise ConfigError(f"expert_parallel={n} with {why}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -46,11 +46,16 @@ class TrainingStopped(RuntimeError):
 
 
 def parallelize(model: CaptionModel, cfg: TrainConfig, info: D.DistInfo):
-    """The parallelism that runs `model`: pipeline x data parallel, or data parallel (DDP/FSDP2, or none)."""
+    """The parallelism that runs `model`: pipeline x data parallel, expert x data parallel, or data
+    parallel (DDP/FSDP2, or none)."""
     if cfg.pipeline.stages > 1:
         from train.parallel.pipeline import PipelineParallel, make_grid
 
         return PipelineParallel(model, cfg, make_grid(info, cfg.pipeline.stages))
+    if cfg.expert_parallel > 1:
+        from train.parallel.expert_parallel import ExpertParallel
+
+        return ExpertParallel(model, cfg, info)
     return DataParallel(model, cfg, info)
 
 
@@ -115,7 +120,7 @@ def validation_loss(par, cfg: TrainConfig, open_stream) -> float:
     with plain_precision(par.parts, cfg):
         for _ in range(cfg.eval_batches):
             batch = stream.next(stop_at_epoch_end=True)
-            if batch is None:
+            if par.stop_together(batch is None):
                 break
             total[0] += forward_backward(par, batch, cfg, backward=False)[1].double()
             total[1] += par.holds_loss
@@ -145,6 +150,10 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
 
         check_supported(cfg)
     info = D.setup()
+    if cfg.expert_parallel > 1:
+        from train.parallel.expert_parallel import check_world
+
+        check_world(cfg, info)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     say = (lambda m: tqdm.write(m)) if info.is_main else (lambda m: None)
@@ -167,7 +176,7 @@ def train(cfg: TrainConfig, resume: str | None = None, model: CaptionModel | Non
     if save_adapters and info.is_main:
         from train.lora_files import save_adapters as write_adapters
 
-        say(f"adapters saved in {write_adapters(par.parts, save_adapters, cfg.lora)}")
+        say(f"adapters saved in {write_adapters(par.full_model(last), save_adapters, cfg.lora)}")
     D.barrier(info)
     return last
 

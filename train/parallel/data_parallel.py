@@ -35,9 +35,9 @@ class DataParallel:
     pipelined = False  # the loop's one branch (trainer.forward_backward): each rank runs the whole model
     holds_loss = True
 
-    def __init__(self, model: CaptionModel, cfg: TrainConfig, info: DistInfo):
+    def __init__(self, model: CaptionModel, cfg: TrainConfig, info: DistInfo, keep_own: tuple[str, ...] = ()):
         self.parts, self.info, self.data_info, self.dp_size = model, info, info, info.world_size
-        self.model = wrap(model, info, cfg.parallel)
+        self.model = wrap(model, info, cfg.parallel, keep_own)
         self.fsdp = info.enabled and cfg.parallel == "fsdp"
 
     @property
@@ -56,6 +56,11 @@ class DataParallel:
         if sync or not isinstance(self.model, DDP):
             return contextlib.nullcontext()
         return self.model.no_sync()
+
+    def stop_together(self, done: bool) -> bool:
+        """Whether a loop over this rank's batches ends here; each rank decides alone (no collective
+        runs in a forward)."""
+        return done
 
     def clip_grads(self, max_norm: float) -> float:
         params = [p for p in self.parts.parameters() if p.grad is not None]

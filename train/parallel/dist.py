@@ -60,17 +60,19 @@ def barrier(info: DistInfo):
         dist.barrier()
 
 
-def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Module:
-    """DDP (the default) or FSDP2 `fully_shard` per LM block, vision encoder and root."""
+def wrap(model: torch.nn.Module, info: DistInfo, parallel: str, keep_own: tuple[str, ...] = ()) -> torch.nn.Module:
+    """DDP (the default) or FSDP2 `fully_shard` per LM block, vision encoder and root. Both leave the
+    parameters named in `keep_own` alone (expert parallelism reduces them over their own group)."""
     if not info.enabled:
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        own = {p for n, p in model.named_parameters() if n in keep_own} or None
         for block in model.lm.layers:
-            fully_shard(block)
+            fully_shard(block, ignored_params=own)
         fully_shard(model.vision)
-        fully_shard(model)
+        fully_shard(model, ignored_params=own)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -82,6 +84,6 @@ def wrap(model: torch.nn.Module, info: DistInfo, parallel: str) -> torch.nn.Modu
     # (BatchNorm statistics, which should stay in step across ranks).
     counters = [f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, MoE)
                 for buf in ("load",)]
-    DDP._set_params_and_buffers_to_ignore_for_model(model, counters)
+    DDP._set_params_and_buffers_to_ignore_for_model(model, counters + list(keep_own))
     return DDP(model, device_ids=ids, find_unused_parameters=False)
 

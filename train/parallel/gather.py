@@ -19,14 +19,14 @@ from lm.config import CheckpointError
 PER_GROUP = ("base_lrs", "_last_lr", "lr_lambdas")  # LR-scheduler entries that hold one value per group
 
 
-def _param_names(opt, parts) -> list[str]:
+def param_names(opt, parts) -> list[str]:
     """Names of the optimiser's parameters in its state-dict index order."""
     name_of = {id(p): n for n, p in parts.named_parameters()}
     return [name_of[id(p)] for g in opt.param_groups for p in g["params"]]
 
 
 def named_optim_state(opt, parts) -> dict:
-    sd, names = opt.state_dict(), _param_names(opt, parts)
+    sd, names = opt.state_dict(), param_names(opt, parts)
     return {"state": {names[i]: s for i, s in sd["state"].items()},
             "groups": [({k: v for k, v in g.items() if k != "params"}, [names[i] for i in g["params"]])
                        for g in sd["param_groups"]]}
@@ -52,7 +52,7 @@ def load_optim_state(opt, parts, saved: dict, full_groups: list[list[str]], sour
                               f"{[len(n) for n in full_groups]} (a different model or optim config?)")
     by_name = {flat[i]: s for i, s in saved["state"].items()}
     group_of = {flat[i]: g for g in saved["param_groups"] for i in g["params"]}
-    own, names = opt.state_dict(), _param_names(opt, parts)
+    own, names = opt.state_dict(), param_names(opt, parts)
     opt.load_state_dict({
         "state": {i: by_name[n] for i, n in enumerate(names) if n in by_name},
         "param_groups": [dict({k: v for k, v in group_of[names[g["params"][0]]].items() if k != "params"},

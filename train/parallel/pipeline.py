@@ -170,6 +170,10 @@ class PipelineParallel:
         run(arg_mbs=args, kwarg_mbs=kwargs, target_mbs=targets, return_outputs=False)
         return self.loss.totals(n) if self.last else torch.zeros(4, device=device)
 
+    def stop_together(self, done: bool) -> bool:
+        """Whether a loop over batches ends here: a pipeline's ranks read the same batches, so agree."""
+        return done
+
     def clip_grads(self, max_norm: float) -> float:
         """Average gradients over the dp group, clip by the norm over every stage; returns that norm."""
         params = [p for p in self.parts.parameters() if p.grad is not None]

@@ -324,6 +324,26 @@ def _examples() -> tuple[list, list[str]]:
     return [[str(EXAMPLES_DIR / e["file"]), e.get("task", "caption")] for e in items], [e["label"] for e in items]
 
 
+def decoding_controls() -> list:
+    """The decoding accordion's controls, in `decoding_options`' order."""
+    with gr.Accordion("Decoding (both tabs)", open=True):
+        with gr.Row():
+            mode = gr.Radio(list(MODES), value="greedy", label="Decoding")
+            speculative = gr.Checkbox(True, label="MTP speculative decoding (greedy only)")
+            seed = gr.Number(-1, precision=0, label="Seed (sampling; -1 = random)")
+        with gr.Row():
+            # Spans chosen for the page, each checked against GenerationConfig's limits.
+            max_new = Slider(*slider_range("max_new_tokens", 1, MAX_NEW_TOKENS), value=64, step=1,
+                             label="Max new tokens")
+            beams = Slider(*slider_range("num_beams", 2, 8), value=4, step=1, label="Beams (beam search)")
+            temperature = Slider(*slider_range("temperature", 0.05, 2.0), value=0.7, step=0.05,
+                                 label="Temperature (sampling)")
+            top_p = Slider(*slider_range("top_p", 0.05, 1.0), value=1.0, step=0.05, label="Top-p (sampling)")
+            rep = Slider(*slider_range("repetition_penalty", 0.5, 2.0), value=1.0, step=0.05,
+                         label="Repetition penalty")
+    return [mode, beams, temperature, top_p, max_new, rep, speculative, seed]
+
+
 def build_demo(cap: Captioner, engine: Engine, untrained: bool = False) -> gr.Blocks:
     shell = Shell(cap, engine)
     with gr.Blocks(title="DeepSeek-style captioner", analytics_enabled=False) as demo:  # no network
@@ -331,22 +351,7 @@ def build_demo(cap: Captioner, engine: Engine, untrained: bool = False) -> gr.Bl
                     f"language model. Model: `{cap.path or 'random weights'}`.")
         if untrained:
             gr.Markdown(UNTRAINED_NOTICE, elem_id="untrained-notice")
-        with gr.Accordion("Decoding (both tabs)", open=True):
-            with gr.Row():
-                mode = gr.Radio(list(MODES), value="greedy", label="Decoding")
-                speculative = gr.Checkbox(True, label="MTP speculative decoding (greedy only)")
-                seed = gr.Number(-1, precision=0, label="Seed (sampling; -1 = random)")
-            with gr.Row():
-                # Spans chosen for the page, each checked against GenerationConfig's limits.
-                max_new = Slider(*slider_range("max_new_tokens", 1, MAX_NEW_TOKENS), value=64, step=1,
-                                 label="Max new tokens")
-                beams = Slider(*slider_range("num_beams", 2, 8), value=4, step=1, label="Beams (beam search)")
-                temperature = Slider(*slider_range("temperature", 0.05, 2.0), value=0.7, step=0.05,
-                                     label="Temperature (sampling)")
-                top_p = Slider(*slider_range("top_p", 0.05, 1.0), value=1.0, step=0.05, label="Top-p (sampling)")
-                rep = Slider(*slider_range("repetition_penalty", 0.5, 2.0), value=1.0, step=0.05,
-                             label="Repetition penalty")
-        options = [mode, beams, temperature, top_p, max_new, rep, speculative, seed]
+        options = decoding_controls()
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():

@@ -54,6 +54,11 @@ class Limit:
             return f"in {'(' if self.lo_open else '['}{_shown(self.lo)}, {_shown(self.hi)}{')' if self.hi_open else ']'}"
         return f"in {_shown(self.lo)}..{_shown(self.hi)}"
 
+    @property
+    def stated(self) -> str:
+        """The range and its note, as a message states them: "in 0..100 (0 = greedy)"."""
+        return f"{self.text} {self.note}" if self.note else self.text
+
     def bounds(self) -> dict:
         """As pydantic's / annotated-types' field constraints: ge/gt/le/lt."""
         out = {}
@@ -111,7 +116,7 @@ class GenerationConfig:
         for name, limit in self.LIMITS.items():
             value = getattr(self, name)
             if value is not None and value not in limit:
-                problems.append(f"{name} must be {limit.text}{' ' + limit.note if limit.note else ''}, got {value!r}")
+                problems.append(f"{name} must be {limit.stated}, got {value!r}")
         if self.min_new_tokens not in Limit(0, self.max_new_tokens):
             problems.append(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens!r}")
         if self.num_beams > 1 and self.temperature > 0:

@@ -5,7 +5,7 @@ client sees, shared by the HTTP route (mm/openai_api.py) and the page (app.py).
 Field ranges are not restated here: the decoding options' bounds are read from
 `GenerationConfig.LIMITS`, so the route refuses exactly what `Captioner.caption` refuses. The
 models are strict (no "5" for 5, no true for 1, no NaN), and a validation error becomes a 400
-naming the field, e.g. `temperature must be less than or equal to 100, got 101`.
+naming the field, e.g. `temperature must be a finite number in 0..100 (0 = greedy), got 101`.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ from mm.engine import Cancelled, EngineBusy, EngineClosed
 from mm.generate import GenerationConfig
 from vision.preprocess import ImageError
 
-DEFAULT_MAX_TOKENS = 64
-
-
 # The request's decoding fields: (the GenerationConfig option each sets, its type).
 OPTION_FIELDS = {"max_tokens": ("max_new_tokens", int), "max_completion_tokens": ("max_new_tokens", int),
                  "temperature": ("temperature", float), "top_p": ("top_p", float), "seed": ("seed", int)}
@@ -38,11 +35,11 @@ def _option(name: str):
 
 
 def _option_message(name: str, value) -> str:
-    """`temperature must be a number in 0..100 (0 = greedy), got 101`: the range in GenerationConfig's words."""
+    """`temperature must be a finite number in 0..100 (0 = greedy), got 101`: the range in GenerationConfig's words."""
     option, kind = OPTION_FIELDS[name]
     limit = GenerationConfig.LIMITS[option]
     what = "an integer" if kind is int else "a finite number"
-    return f"{name} must be {what} {limit.text}{' ' + limit.note if limit.note else ''}, got {short(value)}"
+    return f"{name} must be {what} {limit.stated}, got {short(value)}"
 
 
 def _request_error(message: str) -> PydanticCustomError:
@@ -132,10 +129,10 @@ class ChatCompletionRequest(_Strict):
         length = getattr(self, field)
         if length is not None and length > max_tokens:
             raise RequestError(400, f"{field} must be at most {max_tokens} on this server, got {length}", field)
-        return GenerationConfig(
-            max_new_tokens=length or min(DEFAULT_MAX_TOKENS, max_tokens),
-            temperature=0.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p, seed=self.seed).validate()
+        chosen = {"max_new_tokens": length, "temperature": self.temperature, "top_p": self.top_p, "seed": self.seed}
+        gen = GenerationConfig(**{k: v for k, v in chosen.items() if v is not None})  # null: the default
+        gen.max_new_tokens = min(gen.max_new_tokens, max_tokens)
+        return gen.validate()
 
     @property
     def include_usage(self) -> bool:

@@ -6,12 +6,13 @@ nothing, so a remote URL is a clear 400) and a text part naming the task or its 
 (`caption`, `describe`, `Describe:`, ...; absent means `caption`). `max_tokens`,
 `temperature` (default 0: greedy, what a captioner wants; OpenAI's own default is 1),
 `top_p`, `seed` and `stream` (server-sent events in the chunk format, ending with
-`data: [DONE]`) are honoured, in the ranges `GenerationConfig` states; `usage` counts the prompt (with its image tokens) and the
-completion. Each choice also carries `confidence` (in [0, 1]) and `unfamiliar` (true when
-the image looks unlike the model's training data: mm/confidence.py). Errors use OpenAI's
-shape `{"error": {"message", "type", "param", "code"}}` with 400 for bad input (whatever
-JSON it is; the message and `param` name the field), 413 for an oversized body (refused before it is parsed), 429 when the
-engine's queue is full and 503 when it has stopped.
+`data: [DONE]`) are honoured, in the ranges `GenerationConfig` states; `usage` counts the
+prompt (with its image tokens) and the completion. Each choice also carries `confidence`
+(in [0, 1]) and `unfamiliar` (true when the image looks unlike the model's training data:
+mm/confidence.py). Errors use OpenAI's shape `{"error": {"message", "type", "param",
+"code"}}` with 400 for bad input (whatever JSON it is; the message and `param` name the
+field), 413 for an oversized body (refused before it is parsed), 429 when the engine's
+queue is full and 503 when it has stopped (mm.protocol.problem, shared with the page).
 
 Waiting is asynchronous: a request waiting for its text holds no thread (the engine wakes
 the event loop), so hundreds of queued requests leave the other routes answering at once.
@@ -62,12 +63,12 @@ def _image(url: str):
     """A data: URI -> PIL image, refusing anything else and oversized pictures before decoding."""
     if not isinstance(url, str) or not url.startswith("data:"):
         raise RequestError(400, "image_url must be a data: URI (data:image/png;base64,...); this server fetches "
-                            "no remote URLs", "messages")
+                                "no remote URLs", "messages")
     head, _, payload = url.partition(",")
     media = head[5:].split(";")[0].lower()
     if media not in IMAGE_TYPES or ";base64" not in head:
         raise RequestError(400, f"image_url: expected a base64 data URI of {', '.join(IMAGE_TYPES)}, got "
-                            f"{head[:40]!r}", "messages")
+                                f"{head[:40]!r}", "messages")
     if len(payload) * 3 // 4 > MAX_IMAGE_BYTES:
         raise RequestError(413, f"image is over {MAX_IMAGE_BYTES // 2**20} MB", "messages")
     try:
@@ -89,7 +90,7 @@ def _task(text: str | None, tasks: dict[str, str]) -> str:
             return name
     listed = ", ".join(f"{n} ({p!r})" for n, p in tasks.items())
     raise RequestError(400, f"the text part must name a task or its prompt; got {text[:80]!r}. Tasks: {listed}",
-                   "messages")
+                       "messages")
 
 
 def parse(raw: bytes, tasks: dict[str, str], max_tokens: int) -> tuple:

@@ -113,8 +113,10 @@ def _error(p: Problem) -> JSONResponse:
     return JSONResponse(p.body(), status_code=p.status)
 
 
-def router(engine: Engine, model_id: str, max_tokens: int = 256) -> APIRouter:
+def router(engine: Engine, model_id: str, max_tokens: int | None = None) -> APIRouter:
+    """The routes over `engine`; a request's length is capped at `max_tokens`, by default the engine's cap."""
     api = APIRouter()
+    max_tokens = max_tokens or engine.max_new_tokens
     created = int(time.time())
     tasks = dict(engine.model.cfg.tasks)
 

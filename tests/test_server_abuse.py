@@ -352,6 +352,7 @@ BAD_PAGE_CALLS = [
     ("a task of another type", "IMAGE", {"task": 3}), ("mode unknown", "IMAGE", {"mode": "wild"}),
     ("zero tokens", "IMAGE", {"max_new_tokens": 0}), ("fractional tokens", "IMAGE", {"max_new_tokens": 2.5}),
     ("too many tokens", "IMAGE", {"max_new_tokens": 10**6}), ("no tokens", "IMAGE", {"max_new_tokens": None}),
+    ("over the server's cap", "IMAGE", {"max_new_tokens": 300}),
     ("one beam", "IMAGE", {"mode": "beam search", "num_beams": 1}),
     ("fractional beams", "IMAGE", {"mode": "beam search", "num_beams": 2.5}),
     ("zero temperature sampling", "IMAGE", {"mode": "sampling", "temperature": 0}),

@@ -47,7 +47,7 @@ class Limit:
 
     @property
     def text(self) -> str:
-        """"in 1..4096", "in (0, 1]", ">= 0": how messages state the range."""
+        """How messages state the range: `in 1..4096`, `in (0, 1]`, `>= 0`."""
         if self.hi is None:
             return f"{'>' if self.lo_open else '>='} {_shown(self.lo)}"
         if self.lo_open or self.hi_open:

@@ -36,13 +36,15 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from lm import ConfigError
 from mm.captioner import DEFAULT_MODEL_DIR, Captioner
-from mm.engine import Engine, EngineBusy, EngineClosed
-from mm.generate import GenerationStats
+from mm.engine import Engine
+from mm.generate import GenerationConfig, GenerationStats
 from mm.openai_api import judgement, router
+from mm.protocol import problem
 from vision.preprocess import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageError, load_image
 
-MAX_NEW_TOKENS = 256
+MAX_NEW_TOKENS = 256  # this server's cap on a request's length, inside GenerationConfig's own limit
 MAX_BATCH_FILES = 64
 KEEP_BATCH_TABLES = 16  # the newest batch tables kept on disk for download
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
@@ -102,25 +104,43 @@ class Slider(gr.Slider):
             raise user_error(f"{self.label}: {e.message}") from None
 
 
+def slider_range(option: str, lo: float, hi: float) -> tuple[float, float]:
+    """A slider's (min, max) for a decoding option: the page's choice of a comfortable span, which
+    must lie inside the range GenerationConfig accepts (checked here, when the page is built)."""
+    limit = GenerationConfig.LIMITS[option]
+    if lo not in limit or hi not in limit:
+        raise ValueError(f"the {option} slider's {lo}..{hi} leaves GenerationConfig's range {limit.text}")
+    return lo, hi
+
+
+def _whole(value):
+    """A whole float (what sliders and number boxes send) as an int; anything else unchanged, for
+    GenerationConfig to refuse by name."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def decoding_options(mode="greedy", num_beams=4, temperature=0.7, top_p=1.0, max_new_tokens=64,
                      repetition_penalty=1.0, speculative=True, seed=-1) -> dict:
-    """The UI's decoding controls -> Captioner options; raises gr.Error naming a bad value."""
+    """The UI's decoding controls -> Captioner options, checked by GenerationConfig; raises gr.Error
+    naming a bad value. The page's own rules: beam search means 2 beams or more, sampling a
+    temperature above 0 (else they would silently be greedy), and a seed of -1 means random."""
     if mode not in MODES:
         raise user_error(f"decoding mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if max_new_tokens is None or max_new_tokens != int(max_new_tokens) or not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise user_error(f"max new tokens must be a whole number from 1 to {MAX_NEW_TOKENS}; got {max_new_tokens}")
-    opts = dict(max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty),
+    opts = dict(max_new_tokens=_whole(max_new_tokens), repetition_penalty=repetition_penalty,
                 speculative=bool(speculative), num_beams=1, temperature=0.0, top_p=1.0)
     if mode == "beam search":
-        if num_beams != int(num_beams) or num_beams < 2:
-            raise user_error(f"beam search needs a whole number of beams >= 2; got {num_beams}")
-        opts["num_beams"] = int(num_beams)
+        opts["num_beams"] = _whole(num_beams)
+        if opts["num_beams"] in (0, 1):
+            raise user_error(f"beam search needs 2 beams or more; got {num_beams}")
     elif mode == "sampling":
-        if not temperature or temperature <= 0:
-            raise user_error(f"sampling needs a temperature above 0; got {temperature} (use greedy for 0)")
-        opts.update(temperature=float(temperature), top_p=float(top_p),
-                    seed=None if seed is None or seed < 0 else int(seed))
-    return opts
+        if temperature == 0:
+            raise user_error("sampling needs a temperature above 0 (use greedy for 0)")
+        opts.update(temperature=temperature, top_p=top_p, seed=None if seed in (None, -1) else _whole(seed))
+    try:
+        GenerationConfig(**opts).validate()
+    except ConfigError as e:
+        raise user_error(f"decoding options: {e}") from None
+    return opts  # the engine holds a request to its own length cap (MAX_NEW_TOKENS) when it is submitted
 
 
 def open_image(path) -> Image.Image:
@@ -203,15 +223,12 @@ class Shell:
             raise user_error(f"unknown task {task!r}; this model knows {', '.join(self.cap.tasks)}")
 
     def _submit(self, image, task, opts):
-        """One engine request; the model's own input errors and a full queue become page messages."""
+        """One engine request; its input errors, a full queue or a stopped engine become page
+        messages, the same as the HTTP route's (mm.protocol.problem)."""
         try:
             return self.engine.submit(image, task, **opts)
-        except EngineBusy as e:
-            raise user_error(f"The server is busy ({e}).") from None
-        except EngineClosed as e:
-            raise user_error(f"The server is shutting down ({e}).") from None
-        except (ImageError, ValueError, TypeError) as e:
-            raise user_error(str(e)) from None
+        except Exception as e:
+            raise user_error(problem(e).message) from None
 
     def stream(self, image, task, mode, num_beams, temperature, top_p, max_new_tokens,
                repetition_penalty, speculative, seed):
@@ -228,9 +245,11 @@ class Shell:
                 first = first if first is not None else time.perf_counter() - start
                 if opts["num_beams"] == 1:
                     yield text, "generating…", gr.skip()
-            stats = req.result().stats
+        except Exception as e:  # a stopped engine or a failed forward, as `_result` words it
+            raise user_error(problem(e, submitting=False).message) from None
         finally:
             req.cancel()  # a user who closed the page frees the row; no-op once finished
+        stats = self._result(req).stats
         yield (text, stats_markdown(stats, time.perf_counter() - start, first, self.cap.threshold(task)),
                routing_figure(stats.expert_load))
 
@@ -240,7 +259,15 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        return self._submit(open_image(image), task, opts).result().text
+        return self._result(self._submit(open_image(image), task, opts)).text
+
+    @staticmethod
+    def _result(req):
+        """The request's result; a stopped engine or a failed forward becomes a page message."""
+        try:
+            return req.result()
+        except Exception as e:
+            raise user_error(problem(e, submitting=False).message) from None
 
     def batch(self, files, task, mode, num_beams, temperature, top_p, max_new_tokens,
               repetition_penalty, speculative, seed):
@@ -263,12 +290,17 @@ class Shell:
                 row["error"] = e.message.replace(html.escape(str(path), quote=False), row["file"])
             rows.append(row)
         for row, req in pending:
-            result = req.result()
+            try:
+                result = self._result(req)
+            except gr.Error as e:
+                row["error"] = e.message
+                continue
             row["caption"] = result.text
             row.update(judgement(result.stats.confidence[0], self.cap, task))  # never NaN in the JSONL
         tables = write_tables(rows, self._table_dir())
         table = [[r["file"], r["caption"], r["confidence"], r["unfamiliar"], r["error"]] for r in rows]
-        summary = f"{len(pending)} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
+        done = sum(not r["error"] for r in rows)
+        summary = f"{done} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
         return table, summary, *tables
 
     def _table_dir(self) -> Path:
@@ -290,6 +322,26 @@ def _examples() -> tuple[list, list[str]]:
     return [[str(EXAMPLES_DIR / e["file"]), e.get("task", "caption")] for e in items], [e["label"] for e in items]
 
 
+def decoding_controls() -> list:
+    """The decoding accordion's controls, in `decoding_options`' order."""
+    with gr.Accordion("Decoding (both tabs)", open=True):
+        with gr.Row():
+            mode = gr.Radio(list(MODES), value="greedy", label="Decoding")
+            speculative = gr.Checkbox(True, label="MTP speculative decoding (greedy only)")
+            seed = gr.Number(-1, precision=0, label="Seed (sampling; -1 = random)")
+        with gr.Row():
+            # Spans chosen for the page, each checked against GenerationConfig's limits.
+            max_new = Slider(*slider_range("max_new_tokens", 1, MAX_NEW_TOKENS), value=64, step=1,
+                             label="Max new tokens")
+            beams = Slider(*slider_range("num_beams", 2, 8), value=4, step=1, label="Beams (beam search)")
+            temperature = Slider(*slider_range("temperature", 0.05, 2.0), value=0.7, step=0.05,
+                                 label="Temperature (sampling)")
+            top_p = Slider(*slider_range("top_p", 0.05, 1.0), value=1.0, step=0.05, label="Top-p (sampling)")
+            rep = Slider(*slider_range("repetition_penalty", 0.5, 2.0), value=1.0, step=0.05,
+                         label="Repetition penalty")
+    return [mode, beams, temperature, top_p, max_new, rep, speculative, seed]
+
+
 def build_demo(cap: Captioner, engine: Engine, untrained: bool = False) -> gr.Blocks:
     shell = Shell(cap, engine)
     with gr.Blocks(title="DeepSeek-style captioner", analytics_enabled=False) as demo:  # no network
@@ -297,18 +349,7 @@ def build_demo(cap: Captioner, engine: Engine, untrained: bool = False) -> gr.Bl
                     f"language model. Model: `{cap.path or 'random weights'}`.")
         if untrained:
             gr.Markdown(UNTRAINED_NOTICE, elem_id="untrained-notice")
-        with gr.Accordion("Decoding (both tabs)", open=True):
-            with gr.Row():
-                mode = gr.Radio(list(MODES), value="greedy", label="Decoding")
-                speculative = gr.Checkbox(True, label="MTP speculative decoding (greedy only)")
-                seed = gr.Number(-1, precision=0, label="Seed (sampling; -1 = random)")
-            with gr.Row():
-                max_new = Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens")
-                beams = Slider(2, 8, value=4, step=1, label="Beams (beam search)")
-                temperature = Slider(0.05, 2.0, value=0.7, step=0.05, label="Temperature (sampling)")
-                top_p = Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (sampling)")
-                rep = Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
-        options = [mode, beams, temperature, top_p, max_new, rep, speculative, seed]
+        options = decoding_controls()
         with gr.Tab("Caption"):
             with gr.Row():
                 with gr.Column():
@@ -391,7 +432,7 @@ def serve(cap: Captioner, untrained: bool = False, host: str = "127.0.0.1", port
     except BaseException:  # e.g. the port is taken: the engine's loop must not outlive the server
         engine.close()
         raise
-    demo.app.include_router(router(engine, model_id(cap), MAX_NEW_TOKENS))
+    demo.app.include_router(router(engine, model_id(cap)))
     if not block:
         return demo, engine, url
     try:

@@ -28,6 +28,54 @@ import lm
 from mm.confidence import chosen_logprob, confidence
 
 
+@dataclass(frozen=True)
+class Limit:
+    """An option's range: lo..hi, either end open (excluded) or absent. The one statement of each
+    option's limits: `GenerationConfig.validate`, the HTTP request model and the page's sliders
+    all read it."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    note: str = ""  # shown after the range, e.g. "(0 = greedy)"
+
+    def __contains__(self, v) -> bool:
+        above = self.lo is None or (v > self.lo if self.lo_open else v >= self.lo)
+        below = self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+        return above and below
+
+    @property
+    def text(self) -> str:
+        """How messages state the range: `in 1..4096`, `in (0, 1]`, `>= 0`."""
+        if self.hi is None:
+            return f"{'>' if self.lo_open else '>='} {_shown(self.lo)}"
+        if self.lo_open or self.hi_open:
+            return f"in {'(' if self.lo_open else '['}{_shown(self.lo)}, {_shown(self.hi)}{')' if self.hi_open else ']'}"
+        return f"in {_shown(self.lo)}..{_shown(self.hi)}"
+
+    @property
+    def stated(self) -> str:
+        """The range and its note, as a message states them: "in 0..100 (0 = greedy)"."""
+        return f"{self.text} {self.note}" if self.note else self.text
+
+    def bounds(self) -> dict:
+        """As pydantic's / annotated-types' field constraints: ge/gt/le/lt."""
+        out = {}
+        if self.lo is not None:
+            out["gt" if self.lo_open else "ge"] = self.lo
+        if self.hi is not None:
+            out["lt" if self.hi_open else "le"] = self.hi
+        return out
+
+
+def _shown(v) -> str:
+    """2**64 - 1 reads better than its 20 digits."""
+    if isinstance(v, int) and v > 2**32 and (v + 1) & v == 0:
+        return f"2**{v.bit_length()}-1"
+    return str(v)
+
+
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 64
@@ -46,27 +94,31 @@ class GenerationConfig:
     INTS = ("max_new_tokens", "min_new_tokens", "num_beams", "top_k")
     OPTIONAL_INTS = ("draft_tokens", "seed")
     FLOATS = ("temperature", "top_p", "repetition_penalty", "length_penalty")
+    # Every option's range, stated once (min_new_tokens is bounded by max_new_tokens: in validate).
+    LIMITS = {
+        "max_new_tokens": Limit(1, 4096),
+        "num_beams": Limit(1, 16),
+        "temperature": Limit(0, 100, note="(0 = greedy)"),
+        "top_p": Limit(0, 1, lo_open=True),
+        "top_k": Limit(0),
+        "repetition_penalty": Limit(0, 100, lo_open=True),
+        "length_penalty": Limit(-100, 100),
+        "draft_tokens": Limit(1, 8),
+        "seed": Limit(0, 2**64 - 1),
+    }
 
     def validate(self):
         """Check every option's type and range; raises lm.ConfigError (a ValueError) naming each bad one."""
         problems = self._type_problems()
         if problems:  # ranges compare numbers: only meaningful once the types are right
             raise lm.ConfigError("; ".join(problems))
-        checks = [
-            (1 <= self.max_new_tokens <= 4096, "max_new_tokens must be in 1..4096", self.max_new_tokens),
-            (0 <= self.min_new_tokens <= self.max_new_tokens, "min_new_tokens must be in 0..max_new_tokens",
-             self.min_new_tokens),
-            (1 <= self.num_beams <= 16, "num_beams must be in 1..16", self.num_beams),
-            (0 <= self.temperature <= 100, "temperature must be in 0..100 (0 = greedy)", self.temperature),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]", self.top_p),
-            (self.top_k >= 0, "top_k must be >= 0", self.top_k),
-            (0 < self.repetition_penalty <= 100, "repetition_penalty must be in (0, 100]", self.repetition_penalty),
-            (-100 <= self.length_penalty <= 100, "length_penalty must be in -100..100", self.length_penalty),
-            (self.draft_tokens is None or 1 <= self.draft_tokens <= 8, "draft_tokens must be in 1..8",
-             self.draft_tokens),
-            (self.seed is None or 0 <= self.seed < 2**64, "seed must be in 0..2**64-1", self.seed),
-        ]
-        problems = [f"{what}, got {value!r}" for ok, what, value in checks if not ok]
+        problems = []
+        for name, limit in self.LIMITS.items():
+            value = getattr(self, name)
+            if value is not None and value not in limit:
+                problems.append(f"{name} must be {limit.stated}, got {value!r}")
+        if self.min_new_tokens not in Limit(0, self.max_new_tokens):
+            problems.append(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens!r}")
         if self.num_beams > 1 and self.temperature > 0:
             problems.append("beam search is deterministic: use temperature 0 with num_beams > 1")
         if problems:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import html
 import io
 import json
 import math
@@ -130,8 +131,8 @@ BAD_BODIES = [
     ("messages an object", {"json": {"messages": {"role": "user"}}}, "messages"),
     ("content a number", {"json": {"messages": [{"role": "user", "content": 7}]}}, "content"),
     ("image_url a list", {"json": {"messages": [{"role": "user", "content": [{"type": "image_url",
-                                                                                "image_url": [PNG]}]}]}}, "data:"),
-    ("url a number", {"json": chat(url=12)}, "data:"),
+                                                                                "image_url": [PNG]}]}]}}, "image_url"),
+    ("url a number", {"json": chat(url=12)}, "image_url.url"),
     ("n a list", {"json": chat(n=[1])}, "n must be 1"),
     ("stream a string", {"json": chat(stream="true")}, "stream"),
     ("max_tokens a bool", {"json": chat(max_tokens=True)}, "max_tokens"),
@@ -351,6 +352,7 @@ BAD_PAGE_CALLS = [
     ("a task of another type", "IMAGE", {"task": 3}), ("mode unknown", "IMAGE", {"mode": "wild"}),
     ("zero tokens", "IMAGE", {"max_new_tokens": 0}), ("fractional tokens", "IMAGE", {"max_new_tokens": 2.5}),
     ("too many tokens", "IMAGE", {"max_new_tokens": 10**6}), ("no tokens", "IMAGE", {"max_new_tokens": None}),
+    ("over the server's cap", "IMAGE", {"max_new_tokens": 300}),
     ("one beam", "IMAGE", {"mode": "beam search", "num_beams": 1}),
     ("fractional beams", "IMAGE", {"mode": "beam search", "num_beams": 2.5}),
     ("zero temperature sampling", "IMAGE", {"mode": "sampling", "temperature": 0}),
@@ -394,3 +396,114 @@ def test_any_page_options_caption_or_give_a_message(shell, mode, beams, temperat
         assert e.message
     else:
         assert isinstance(text, str)
+
+
+# --- one statement of the option limits, one mapping of errors ----------------------------------
+
+def test_route_takes_the_temperatures_generation_config_takes(served, cap):
+    """GenerationConfig samples at any temperature in 0..100; the route once stopped at 2."""
+    client, _ = served
+    r = client.post(URL, json=chat(temperature=3.0, seed=5))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == cap.caption(
+        Image.new("RGB", (16, 16), "red"), max_new_tokens=2, temperature=3.0, seed=5)
+    over = client.post(URL, json=chat(temperature=100.5))
+    assert_openai_error(over, 400)
+    assert over.json()["error"]["param"] == "temperature" and "0..100" in over.json()["error"]["message"]
+
+
+def test_route_takes_the_seeds_generation_config_takes(served):
+    """Seeds are 0..2**64-1 everywhere: a negative one is a 400 naming `seed` (the route once
+    passed it on, to fail unnamed in the engine), the largest is served (the route once stopped at 2**63)."""
+    client, _ = served
+    negative = client.post(URL, json=chat(seed=-5))
+    assert_openai_error(negative, 400)
+    assert negative.json()["error"]["param"] == "seed" and "0..2**64-1" in negative.json()["error"]["message"]
+    assert client.post(URL, json=chat(seed=2**64 - 1, temperature=1.0)).status_code == 200
+
+
+def test_top_p_zero_is_refused_not_turned_into_one(served):
+    client, _ = served
+    r = client.post(URL, json=chat(top_p=0, temperature=1.0))
+    assert_openai_error(r, 400)
+    assert r.json()["error"]["param"] == "top_p" and "top_p" in r.json()["error"]["message"]
+
+
+REQUEST_OPTIONS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens",
+                   "temperature": "temperature", "top_p": "top_p", "seed": "seed"}
+
+
+@settings(max_examples=150, deadline=None)
+@given(field=st.sampled_from(sorted(REQUEST_OPTIONS)),
+       value=st.integers(-3, 5) | st.integers(4090, 4100) | st.sampled_from([2**64 - 1, 2**64, -(2**63), 2**63])
+       | st.floats(-1, 101) | st.sampled_from([0.0, 1.0, 100.0, 100.00001, math.nan, math.inf, 1e-300, True, "1"]))
+def test_the_request_model_refuses_exactly_what_generation_config_refuses(field, value):
+    """The request model's bounds are read from GenerationConfig.LIMITS: for every decoding field
+    and value, the one accepts it if and only if the other does, and a refusal names the field."""
+    from pydantic import ValidationError
+
+    from lm import ConfigError
+    from mm.generate import GenerationConfig
+    from mm.protocol import ChatCompletionRequest, problem
+
+    body = chat()
+    del body["max_tokens"]
+    body[field] = value
+    try:
+        GenerationConfig(**{REQUEST_OPTIONS[field]: value}).validate()
+        config_takes = True
+    except ConfigError:
+        config_takes = False
+    try:
+        ChatCompletionRequest.model_validate(body)
+        route_takes = True
+    except ValidationError as e:
+        route_takes = False
+        refusal = problem(e)
+        assert (refusal.status, refusal.param) == (400, field) and refusal.message.startswith(field), refusal
+    assert route_takes == config_takes, (field, value)
+
+
+def test_one_error_mapping_for_the_route_and_the_page(served, shell, monkeypatch):
+    """The same engine refusal reads the same on the page as in the route's JSON."""
+    from lm import ConfigError
+    from mm.engine import Cancelled, EngineBusy
+    from mm.protocol import problem
+    from vision.preprocess import ImageError
+
+    client, engine = served
+    handlers, path = shell
+    expected = {EngineBusy("busy: 3 requests are already waiting"): (429, "server_busy"),
+                EngineClosed("the engine has stopped"): (503, "server_error"),
+                ConfigError("top_k must be >= 0, got -1"): (400, "invalid_request_error"),
+                ImageError("x.png is not a readable image"): (400, "invalid_request_error")}
+    for exc, (status, kind) in expected.items():
+        def refuse(*a, exc=exc, **k):
+            raise exc
+
+        monkeypatch.setattr(engine, "submit", refuse)
+        r = client.post(URL, json=chat())
+        assert (r.status_code, r.json()["error"]["type"]) == (status, kind), r.text
+        with pytest.raises(gr.Error) as page:
+            handlers.caption(path, "caption", **PAGE_OPTIONS)
+        assert r.json()["error"]["message"] == html.unescape(page.value.message) == problem(exc).message
+    # once the engine has a request, only a stop or a cancel is not the server's own failure
+    assert problem(ValueError("bad shape"), submitting=False).status == 500
+    assert problem(Cancelled("cancelled"), submitting=False).status == 503
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"mode": "sampling", "seed": -5}, "seed"), ({"mode": "sampling", "top_p": 0.0}, "top_p"),
+    ({"mode": "sampling", "temperature": 101.0}, "temperature"), ({"mode": "beam search", "num_beams": 17}, "num_beams"),
+])
+def test_page_options_are_checked_by_generation_config(changes, named):
+    """A negative seed other than the page's -1 (random) was once silently random."""
+    with pytest.raises(gr.Error, match=named):
+        app.decoding_options(**{**PAGE_OPTIONS, **changes})
+
+
+def test_sliders_stay_inside_generation_configs_limits():
+    assert app.slider_range("top_p", 0.05, 1.0) == (0.05, 1.0)
+    for option, lo, hi in (("top_p", 0.0, 1.0), ("num_beams", 2, 20), ("temperature", 0.05, 200.0)):
+        with pytest.raises(ValueError, match=option):
+            app.slider_range(option, lo, hi)

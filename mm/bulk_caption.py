@@ -16,6 +16,7 @@ alone: it is reported, its partial output removed, and the next run retries it.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from mm.decode_pool import Skipped, decoded
 from mm.samples import DataErrors, expand_urls
-from mm.shard_outputs import FORMATS, open_output, output_name, txt_path
+from mm.shard_outputs import FORMATS, atomic_write, json_line, open_output, output_name, txt_path
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,7 @@ class UnitRun:
 
     def add(self, rows: list[dict]) -> None:
         self.captioned += len(rows)
-        self._guard(self.out.add, rows)
+        self._guard(lambda: self.out.add(rows))
 
     def finish(self) -> dict:
         failed = self.error is not None or self.errors.counts["bad_shard"] > 0
@@ -144,8 +145,14 @@ class UnitRun:
         if self.unit.already:
             summary["already_captioned"] = self.unit.already
         if self.out is not None:
-            self._guard(self.out.abort if failed else self.out.commit, summary)
-        if self.error is not None and summary["error"] is None:  # the commit itself failed
+            try:
+                (self.out.abort if failed else self.out.commit)(summary)
+            except Exception as e:  # could not commit: the unit is not done; a rerun redoes it
+                self.error = self.error or f"{type(e).__name__}: {e}"
+        elif self.job.output_dir is not None:  # the output never opened: the summary still says why
+            with contextlib.suppress(OSError):  # the failure is also reported on stderr
+                atomic_write(Path(self.job.output_dir) / (self.unit.name + ".summary.json"), json_line(summary))
+        if self.error is not None and summary["error"] is None:
             summary.update(status="failed", error=self.error)
         return summary
 
@@ -181,12 +188,19 @@ def caption_units(cap, units: list[Unit], job: BulkJob, report=None) -> list[dic
                 report(summaries[-1])
                 continue
             for rec, pixels in items:
+                if run.error is not None:  # this unit has failed: its images are not worth the model's time
+                    break
                 if isinstance(pixels, Skipped):
                     run.skip(rec, pixels)
                 else:
                     pending.append((rec, cap.transform.to_tensor(pixels)))
             if len(pending) >= job.batch_size:
                 bar.update(_caption(cap, run, pending, job))
+    except BaseException as e:  # the model failed, or the job was stopped: no unit in flight is complete
+        for run in runs.values():
+            run.error = run.error or f"{type(e).__name__}: {e}"
+            run.finish()
+        raise
     finally:
         bar.close()
     return summaries

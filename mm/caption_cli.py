@@ -91,8 +91,8 @@ def expand(inputs: list[str]) -> Iterator[tuple[str, str]]:
     for spec in inputs:
         if Path(spec).is_file():
             yield ("shard" if is_shard(spec) else "file"), spec
-        elif is_shard(spec):
-            yield "shards", spec
+        elif is_shard(spec) and (spec.startswith(("http://", "https://")) or not any(c in spec for c in "*?[")):
+            yield "shards", spec  # a local `*.tar` glob is globbed below
         elif Path(spec).is_dir():
             for p in sorted(Path(spec).rglob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():

@@ -10,6 +10,10 @@ one failure). Shard samples are read by the same rules as training (`mm/samples.
 The exit status is the number of inputs that failed (capped at 255), 0 when all went
 well, 2 for bad options or a bad checkpoint (nothing is captioned), and 141 (as for
 SIGPIPE) when the reader of stdout goes away, e.g. `mm caption ... | head -1`.
+
+With `--output-dir` or `--write-txt` it captions a dataset instead: one output per shard,
+resumable, decoded in worker processes, optionally on Ray (mm/bulk_caption.py). Every
+output path is checked before the model loads: a bad one is exit 2 and no work.
 """
 
 from __future__ import annotations
@@ -225,17 +229,20 @@ def run(args) -> int:
         if args.out is not None:
             check_out(args.out)
         bulk = check_bulk(args, options)
-        if bulk is not None and args.ray is not None:
+        on_ray = bulk is not None and args.ray is not None
+        if on_ray:  # the actors load the model; the driver checks what it can without it
             from mm.ray_caption import check_ray
 
             check_ray(args)
-            return run_ray(args, *bulk)
-        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        batch_size=args.batch_size, compile=args.compile)
-        cap.model.cfg.prompt(args.task)
+        else:
+            cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                            batch_size=args.batch_size, compile=args.compile)
+            cap.model.cfg.prompt(args.task)
     except ValueError as e:  # bad options, CheckpointError, ConfigError
         print(f"mm caption: {e}", file=sys.stderr)
         return 2
+    if on_ray:
+        return run_ray(args, *bulk)
     if bulk is not None:
         return run_bulk(cap, *bulk)
     # Bytes, not text: a line holding an undecodable file name is written as JSON escapes (json_line).
@@ -246,7 +253,7 @@ def run(args) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
     finally:
-        if out is not sys.stdout:
+        if args.out:
             out.close()
     print(f"mm caption: {done} captioned, {failed} failed", file=sys.stderr)
     return min(failed, 255)

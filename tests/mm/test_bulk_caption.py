@@ -67,13 +67,19 @@ def test_every_format_equals_captioner_image_by_image(trained_micro, synth_shard
     assert not list(out.glob("*.partial"))
 
 
-def _train_shards(synth_shards) -> list[Path]:
-    return sorted(Path(synth_shards["root"]).glob("train-*.tar"))
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory) -> str:
+    """Four shards of 16 scenes."""
+    from train.data.shards import write_synthetic
+
+    root = tmp_path_factory.mktemp("small_shards")
+    write_synthetic(str(root), 64, seed=1, split="train", per_shard=16)
+    return str(root / "train-{000000..000003}.tar")
 
 
-def test_killed_job_reruns_every_shard_exactly_once(trained_micro, synth_shards, tmp_path):
+def test_killed_job_reruns_every_shard_exactly_once(trained_micro, small_shards, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "mm.cli", "caption", synth_shards["train"], "--output-dir", str(out),
+    cmd = [sys.executable, "-m", "mm.cli", "caption", small_shards, "--output-dir", str(out),
            "--checkpoint", str(trained_micro), "--batch-size", "8", "--workers", "0", "--no-speculative"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -85,9 +91,8 @@ def test_killed_job_reruns_every_shard_exactly_once(trained_micro, synth_shards,
     first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.jsonl")}
     assert 1 <= len(first) < 4, f"the kill should land after the first shard and before the last: {first}"
 
-    assert _caption(trained_micro, synth_shards["train"], "--output-dir", out, "--workers", "0",
-                    "--no-speculative") == 0
-    for shard in _train_shards(synth_shards):
+    assert _caption(trained_micro, small_shards, "--output-dir", out, "--workers", "0", "--no-speculative") == 0
+    for shard in sorted(Path(small_shards).parent.glob("train-*.tar")):
         lines = _jsonl(out / (shard.stem + ".jsonl"))
         keys = [r["key"] for r in lines]
         assert keys == [s["__key__"] for s in shard_samples(str(shard), DataErrors())]  # none lost, none twice
@@ -95,15 +100,15 @@ def test_killed_job_reruns_every_shard_exactly_once(trained_micro, synth_shards,
     assert not list(out.glob("*.partial"))
 
 
-def test_num_shards_split_the_job_into_disjoint_parts(trained_micro, synth_shards, tmp_path, capsys):
+def test_num_shards_split_the_job_into_disjoint_parts(trained_micro, small_shards, tmp_path, capsys):
     out = tmp_path / "out"
-    spec = str(Path(synth_shards["root"]) / "train-{000000..000002}.tar")
+    spec = small_shards.replace("000003", "000002")
     for i in range(2):
         assert _caption(trained_micro, spec, "--output-dir", out, "--num-shards", "2", "--shard-index", i,
                         "--workers", "0", "--max-new-tokens", "4") == 0
     assert sorted(p.name for p in out.glob("*.jsonl")) == [f"train-00000{i}.jsonl" for i in range(3)]
     summaries = [json.loads(p.read_text()) for p in out.glob("*.summary.json")]
-    assert sorted(s["captioned"] for s in summaries) == [64, 64, 64]
+    assert sorted(s["captioned"] for s in summaries) == [16, 16, 16]
     capsys.readouterr()
     assert _caption(trained_micro, spec, "--output-dir", out, "--workers", "0") == 0  # all complete: nothing to do
     assert "0 units done, 0 failed, 3 already complete" in capsys.readouterr().err
@@ -220,3 +225,18 @@ def test_wds_output_replaces_an_older_caption_member(trained_micro, synth_shards
     assert len(names) == len(set(names))
     copied = {s["__key__"]: s["caption.txt"].decode() for s in shard_samples(str(out / "in.tar"), DataErrors())}
     assert copied == reference
+
+
+def test_full_decode_is_captioner_and_the_draft_decode_is_close(trained_micro, cap, tmp_path):
+    from vision.preprocess import load_image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    big = render(sample_scene(sample_rng("test", 6, 0))).resize((640, 480), Image.Resampling.BICUBIC)
+    big.save(folder / "big.jpg", quality=90)
+    full = cap.transform.fit(load_image(folder / "big.jpg"))
+    draft = load_image(folder / "big.jpg", draft_size=2 * cap.transform.image_size)
+    assert draft.width < 640 and abs(cap.transform.fit(draft).astype(int) - full).mean() < 2  # 1/2..1/8 scale
+    out = tmp_path / "out"
+    assert _caption(trained_micro, folder, "--output-dir", out, "--full-decode", "--workers", "0") == 0
+    assert _jsonl(out / "imgs.jsonl")[0]["caption"] == cap.caption(str(folder / "big.jpg"))

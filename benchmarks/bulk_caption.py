@@ -91,7 +91,8 @@ def bulk(cap, shards, options, batch_size, tmp: Path, workers: int) -> None:
     out.mkdir()
     job = BulkJob(str(out), "jsonl", "caption", options, batch_size, workers)
     units, _ = plan(shards, job)
-    caption_units(cap, units, job, report=lambda s: None)
+    summaries = caption_units(cap, units, job, report=lambda s: None)
+    assert sum(s["captioned"] for s in summaries) == len(PREDECODED[id(shards)]), summaries  # every image
 
 
 def on_ray(shards, options, batch_size, tmp: Path) -> None:

@@ -22,7 +22,6 @@ def local_ray():
     ray.shutdown()
 
 
-@pytest.mark.slow  # ~40 s on 2 loaded cores: Ray's start-up and two actors loading torch
 def test_two_actors_write_what_one_process_writes(local_ray, trained_micro, synth_shards, tmp_path, capsys):
     shards = tmp_path / "shards"
     shards.mkdir()

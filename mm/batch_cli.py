@@ -10,7 +10,8 @@ them in flight at once so they share the running batch. A line that never reache
 route (not JSON, no `custom_id`, another method or url, `stream`) gets an error line
 with status 400, the OpenAI error body, and `error` set, as `vllm run-batch` does; a
 route's own 4xx keeps `error` null, as OpenAI's batches do. A rerun skips the custom_ids
-already in OUT (a line torn by a kill is dropped first), so a killed batch resumes.
+already in OUT whatever their status (delete a line to redo it; a line torn by a kill is
+dropped first), so a killed batch resumes.
 """
 
 from __future__ import annotations
@@ -121,6 +122,10 @@ async def answer_all(app, items, out, concurrency: int) -> tuple[int, int]:
         try:
             r = await client.post(URL, json=body)
             write(output_line(cid, r.status_code, r.json()))
+        except Exception as e:  # the app itself failed (or answered no JSON): this request, not the batch
+            message = f"captioning failed: {type(e).__name__}: {e}"
+            write(output_line(cid, 500, {"error": {"message": message, "type": "server_error", "param": None,
+                                                   "code": None}}, {"code": "server_error", "message": message}))
         finally:
             slots.release()
 

@@ -10,19 +10,24 @@ one failure). Shard samples are read by the same rules as training (`mm/samples.
 The exit status is the number of inputs that failed (capped at 255), 0 when all went
 well, 2 for bad options or a bad checkpoint (nothing is captioned), and 141 (as for
 SIGPIPE) when the reader of stdout goes away, e.g. `mm caption ... | head -1`.
+
+With `--output-dir` or `--write-txt` it captions a dataset instead: one output per shard,
+resumable, decoded in worker processes, optionally on Ray (mm/bulk_caption.py). Every
+output path is checked before the model loads: a bad one is exit 2 and no work.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
+
+from mm.shard_outputs import json_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SHARD_HINTS = (".tar", ".tar.gz", ".tgz")
@@ -48,6 +53,34 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--draft-tokens", type=int, default=None,
                    help="MTP drafts verified per forward (above 1 the MTP module is chained on itself; "
                         "default: the chain depth the model's MTP was trained to, else 1)")
+    bulk = p.add_argument_group("captioning a dataset (README: Captioning a dataset)")
+    bulk.add_argument("--output-dir", default=None,
+                      help="one output per input shard (or folder), named after it; a rerun skips complete ones")
+    bulk.add_argument("--format", choices=["jsonl", "parquet", "wds"], default="jsonl",
+                      help="with --output-dir: JSONL lines, a Parquet table of the same columns, or a copy of "
+                           "the shard with a <task>.txt member per sample")
+    bulk.add_argument("--write-txt", action="store_true", help="write each caption beside its image, <stem>.txt")
+    bulk.add_argument("--caption-extension", default=".txt", help="with --write-txt: the caption file's extension")
+    bulk.add_argument("--prefix", default="", help="text put before every caption written (e.g. a trigger word)")
+    bulk.add_argument("--suffix", default="", help="text put after every caption written")
+    bulk.add_argument("--overwrite", action="store_true", help="redo complete outputs and existing caption files")
+    bulk.add_argument("--workers", type=int, default=default_workers(),
+                      help="processes decoding and preprocessing images (0: in the main process; "
+                           "default: %(default)s here)")
+    bulk.add_argument("--full-decode", action="store_true",
+                      help="decode JPEGs at full size (default: at the smallest DCT scale still >= 2x the "
+                           "encoder's input, ~10x less work; the pixels differ slightly)")
+    bulk.add_argument("--num-shards", type=int, default=None, help="split the job into K parts ...")
+    bulk.add_argument("--shard-index", type=int, default=None, help="... and do part I (0..K-1) here")
+    bulk.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                      help="run on Ray Data: a local Ray, or the cluster at ADDRESS (pip install 'mm-captioner[ray]')")
+    bulk.add_argument("--actors", type=int, default=1, help="with --ray: captioner actors (model copies)")
+    bulk.add_argument("--gpus-per-actor", type=float, default=0.0, help="with --ray: GPUs each actor holds")
+
+
+def default_workers() -> int:
+    # One core stays with the model's threads; beyond 4 decoders the model is the bottleneck anyway.
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 def is_shard(spec: str) -> bool:
@@ -62,8 +95,8 @@ def expand(inputs: list[str]) -> Iterator[tuple[str, str]]:
     for spec in inputs:
         if Path(spec).is_file():
             yield ("shard" if is_shard(spec) else "file"), spec
-        elif is_shard(spec):
-            yield "shards", spec
+        elif is_shard(spec) and (spec.startswith(("http://", "https://")) or not any(c in spec for c in "*?[")):
+            yield "shards", spec  # a local `*.tar` glob is globbed below
         elif Path(spec).is_dir():
             for p in sorted(Path(spec).rglob("*")):
                 if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
@@ -77,16 +110,16 @@ def expand(inputs: list[str]) -> Iterator[tuple[str, str]]:
             yield "file", spec
 
 
-def _shard_items(kind: str, spec: str) -> Iterator[tuple[dict, object]]:
-    from mm.samples import DataErrors, expand_urls, shard_samples
+def shard_items(url: str) -> Iterator[tuple[dict, object]]:
+    """One shard's (record, sample) pairs, then ({"url"}, OSError) if it cannot be read to its end."""
+    from mm.samples import DataErrors, shard_samples
 
-    for url in (expand_urls(spec) if kind == "shards" else [spec]):
-        broken = DataErrors()
-        for sample in shard_samples(url, broken):
-            yield {"key": sample["__key__"], "url": url}, sample
-        for e in broken.examples:
-            where = f"broken after member {e['key']}; the rest of it is lost" if e["key"] else "cannot be read"
-            yield {"url": url}, OSError(f"shard {where} ({e['detail']})")
+    broken = DataErrors()
+    for sample in shard_samples(url, broken):
+        yield {"key": sample["__key__"], "url": url}, sample
+    for e in broken.examples:
+        where = f"broken after member {e['key']}; the rest of it is lost" if e["key"] else "cannot be read"
+        yield {"url": url}, OSError(f"shard {where} ({e['detail']})")
 
 
 def items(inputs: list[str]) -> Iterator[tuple[dict, object]]:
@@ -97,7 +130,10 @@ def items(inputs: list[str]) -> Iterator[tuple[dict, object]]:
         elif kind == "file":
             yield {"path": spec}, spec
         else:
-            yield from _shard_items(kind, spec)
+            from mm.samples import expand_urls
+
+            for url in (expand_urls(spec) if kind == "shards" else [spec]):
+                yield from shard_items(url)
 
 
 def check_args(args) -> dict:
@@ -111,6 +147,68 @@ def check_args(args) -> dict:
                    speculative=not args.no_speculative, draft_tokens=args.draft_tokens)
     GenerationConfig(**options).validate()
     return options
+
+
+def check_out(path: str) -> None:
+    """`--out` must name a file in an existing, writable directory."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--out {path} is a directory; name a file (or use --output-dir for one output per shard)")
+    if not p.parent.is_dir():
+        raise ValueError(f"--out {path}: the directory {p.parent} does not exist; create it first")
+    if not os.access(p.parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"--out {path} is not writable")
+
+
+def check_output_dir(path: str) -> None:
+    """`--output-dir` is created if missing; it must end up a writable directory."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--output-dir {path} is a file, not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--output-dir {path} cannot be created ({e.strerror or e})") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ValueError(f"--output-dir {path} is not writable")
+
+
+def check_bulk(args, options: dict):
+    """None for a plain `--out`/stdout job; else (BulkJob, units to do, units already complete).
+    Raises ValueError naming the bad option or input; nothing is written but --output-dir."""
+    from mm.bulk_caption import BulkJob, plan
+
+    if args.output_dir is None and not args.write_txt:
+        for flag, value in (("--num-shards", args.num_shards), ("--ray", args.ray)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --output-dir (or --write-txt)")
+        return None
+    if args.out is not None or (args.output_dir is not None and args.write_txt):
+        raise ValueError("choose one of --out, --output-dir and --write-txt")
+    if (args.num_shards is None) != (args.shard_index is None):
+        raise ValueError("--num-shards and --shard-index go together")
+    k, i = args.num_shards or 1, args.shard_index or 0
+    if k < 1 or not 0 <= i < k:
+        raise ValueError(f"--shard-index must be in 0..{k - 1} and --num-shards >= 1, got {i} and {k}")
+    if args.workers < 0 or args.actors < 1 or args.gpus_per_actor < 0:
+        raise ValueError("--workers must be >= 0, --actors >= 1 and --gpus-per-actor >= 0")
+    ext = args.caption_extension if args.caption_extension.startswith(".") else "." + args.caption_extension
+    if "/" in ext or os.sep in ext or len(ext) < 2:
+        raise ValueError(f"--caption-extension must be a file extension like .txt, got {args.caption_extension!r}")
+    if args.output_dir is not None:
+        check_output_dir(args.output_dir)
+    if args.format == "parquet":
+        _require("pyarrow", "pip install pyarrow (or 'mm-captioner[ray]')")
+    job = BulkJob(args.output_dir, "txt" if args.write_txt else args.format, args.task, options, args.batch_size,
+                  args.workers, not args.full_decode, args.prefix, args.suffix, args.overwrite, ext)
+    return (job, *plan(args.inputs, job, k, i))
+
+
+def _require(module: str, how: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"this needs {module}, which is not installed: {how}")
 
 
 def load_source(source):
@@ -128,23 +226,50 @@ def run(args) -> int:
 
     try:
         options = check_args(args)  # bad options, a bad checkpoint and an unknown task fail before any work
-        cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
-                                        batch_size=args.batch_size, compile=args.compile)
-        cap.model.cfg.prompt(args.task)
+        if args.out is not None:
+            check_out(args.out)
+        bulk = check_bulk(args, options)
+        on_ray = bulk is not None and args.ray is not None
+        if on_ray:  # the actors load the model; the driver checks what it can without it
+            from mm.ray_caption import check_ray
+
+            check_ray(args)
+        else:
+            cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype,
+                                            batch_size=args.batch_size, compile=args.compile)
+            cap.model.cfg.prompt(args.task)
     except ValueError as e:  # bad options, CheckpointError, ConfigError
         print(f"mm caption: {e}", file=sys.stderr)
         return 2
-    out = open(args.out, "w", encoding="utf-8") if args.out else sys.stdout
+    if on_ray:
+        return run_ray(args, *bulk)
+    if bulk is not None:
+        return run_bulk(cap, *bulk)
+    # Bytes, not text: a line holding an undecodable file name is written as JSON escapes (json_line).
+    out = open(args.out, "wb") if args.out else sys.stdout.buffer
     try:
         done, failed = caption_all(cap, args, options, out)
     except BrokenPipeError:  # the reader of stdout went away: stop quietly, as `yes | head -1` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 141
     finally:
-        if out is not sys.stdout:
+        if args.out:
             out.close()
     print(f"mm caption: {done} captioned, {failed} failed", file=sys.stderr)
     return min(failed, 255)
+
+
+def run_bulk(cap, job, units, already: int) -> int:
+    from mm.bulk_caption import caption_units, exit_status
+
+    return exit_status(caption_units(cap, units, job), already)
+
+
+def run_ray(args, job, units, already: int) -> int:
+    from mm.bulk_caption import exit_status
+    from mm.ray_caption import caption_on_ray
+
+    return exit_status(caption_on_ray(args, job, units), already)
 
 
 def caption_all(cap, args, options: dict, out) -> tuple[int, int]:
@@ -160,7 +285,7 @@ def caption_all(cap, args, options: dict, out) -> tuple[int, int]:
         res = cap.run([img for _, img in pending], task=args.task, **options)
         for (rec, _), text, conf, odd in zip(pending, res.texts, res.confidence, res.unfamiliar):
             line = rec | {"caption": text, "task": args.task, "confidence": round(conf, 4), "unfamiliar": odd}
-            out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            out.write(json_line(line))
         out.flush()
         done += len(pending)
         bar.update(len(pending))

@@ -108,11 +108,13 @@ class Captioner:
 
     def _pixels(self, images) -> torch.Tensor:
         param = next(self.model.parameters())
-        batch = torch.stack([self.transform(load_image(im)) for im in images])
+        # A tensor is taken as already through `self.transform` (bulk captioning decodes elsewhere).
+        batch = torch.stack([im if isinstance(im, torch.Tensor) else self.transform(load_image(im)) for im in images])
         return batch.to(device=self.device, dtype=param.dtype)
 
     def run(self, images, task: str = "caption", **options) -> CaptionResult:
-        """Caption a list of images; texts plus timing, speculation and expert-load stats."""
+        """Caption a list of images (PIL, paths, bytes, or [3, S, S] tensors from `self.transform`);
+        texts plus timing, speculation and expert-load stats."""
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
         if not images:

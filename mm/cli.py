@@ -1,6 +1,8 @@
 """The `mm` command: one console script, one sub-command per job.
 
     mm caption IMAGES|DIR|GLOB|SHARDS... [--checkpoint DIR] [--task T] [--out file.jsonl]
+    mm caption SHARDS --output-dir DIR [--format jsonl|parquet|wds] [--workers N] [--ray [ADDRESS]]
+    mm batch IN.jsonl OUT.jsonl      OpenAI Batch API request lines -> output lines
     mm shards synth|convert ...      write webdataset shards
     mm train CONFIG [--key.path=value ...]
     mm finetune --from CHECKPOINT_OR_HF_LM ...
@@ -19,6 +21,7 @@ import sys
 
 COMMANDS = {
     "caption": ("mm.caption_cli", "caption images, folders, globs or webdataset shards"),
+    "batch": ("mm.batch_cli", "answer OpenAI Batch API request lines (JSONL) with OpenAI Batch output lines"),
     "shards": ("train.data.shards", "write webdataset shards (synthetic scenes, or convert a folder)"),
     "train": ("train.cli", "train a captioner from a JSON config"),
     "finetune": ("train.finetune", "fine-tune a checkpoint, or a timm encoder + DeepSeek-format LM"),

@@ -193,12 +193,13 @@ def sample_texts(sample: dict, tasks: tuple[str, ...] | list[str], meta: dict | 
     return texts
 
 
-def sample_image(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """The sample's image as an upright RGB PIL image, with the captioner's pixel cap."""
+def sample_image(sample: dict, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None):
+    """The sample's image as an upright RGB PIL image, with the captioner's pixel cap (`draft_size`:
+    see `load_image`)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise BadSample("missing_image", f"no image member in {sorted(k for k in sample if not k.startswith('__'))}")
     try:
-        return load_image(bytes(sample[key]), max_pixels=max_pixels)
+        return load_image(bytes(sample[key]), max_pixels=max_pixels, draft_size=draft_size)
     except ImageError as e:
         raise BadSample("bad_image", f"{key}: {e}") from e

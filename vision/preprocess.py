@@ -119,11 +119,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None) -> Image.Image:
     """A PIL image, path (str/Path), bytes or binary file -> upright RGB PIL image.
 
     Images over `max_pixels` are refused before they are decoded. PIL's own bomb
-    guard (Image.MAX_IMAGE_PIXELS) still applies above our cap.
+    guard (Image.MAX_IMAGE_PIXELS) still applies above our cap. `draft_size` lets a
+    JPEG decode at 1/2..1/8 scale in the DCT while both sides stay >= draft_size (PIL's
+    `Image.draft`): an encoder that sees 96 px never needs a 1024 px decode, which costs
+    ~12x more. The pixels then differ slightly from a full decode, so it is opt-in.
     """
     source = _describe(x)
     try:
@@ -149,6 +152,8 @@ def load_image(x: Any, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             f"(possible decompression bomb; raise max_pixels if the image is genuine)"
         )
     try:
+        if draft_size and img.format == "JPEG":
+            img.draft("RGB", (draft_size, draft_size))
         img.load()
         if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:  # skip exif_transpose's copy when upright
             img = ImageOps.exif_transpose(img)
@@ -182,6 +187,11 @@ class ImageTransform:
         self._shift = torch.tensor([-m / s for m, s in zip(self.mean, self.std)])
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
+        return self.to_tensor(self.fit(img))
+
+    def fit(self, img: Image.Image) -> np.ndarray:
+        """The PIL half: [size, size, 3] uint8 pixels, resized and padded. It is most of the cost and
+        needs no torch, so bulk captioning runs it in worker processes and ships the small array."""
         img = to_rgb(img)
         n = self.image_size
         if img.size != (n, n):
@@ -193,8 +203,11 @@ class ImageTransform:
                 square.paste(resized, ((n - fitted[0]) // 2, (n - fitted[1]) // 2))
                 resized = square
             img = resized
-        pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # [H, W, 3], a writable copy
-        out = torch.addcmul(self._shift, pixels, self._scale)  # [H, W, 3] float32
+        return np.array(img, dtype=np.uint8)  # [H, W, 3], a writable copy
+
+    def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """[size, size, 3] uint8 from `fit` -> the normalised float tensor [3, size, size]."""
+        out = torch.addcmul(self._shift, torch.from_numpy(pixels), self._scale)  # [H, W, 3] float32
         return out.permute(2, 0, 1).contiguous()  # [3, H, W]
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mm.confidence import reported
 from mm.decode_pool import Skipped, decoded
 from mm.samples import DataErrors, expand_urls
 from mm.shard_outputs import FORMATS, atomic_write, json_line, open_output, output_name, txt_path
@@ -210,8 +211,7 @@ def _caption(cap, run: UnitRun, pending: list, job: BulkJob) -> int:
     if not pending:
         return 0
     res = cap.run([px for _, px in pending], task=job.task, **job.options)
-    run.add([rec | {"caption": job.prefix + text + job.suffix, "task": job.task, "confidence": round(conf, 4),
-                    "unfamiliar": odd}
+    run.add([rec | {"caption": job.prefix + text + job.suffix, "task": job.task} | reported(conf, odd)
              for (rec, _), text, conf, odd in zip(pending, res.texts, res.confidence, res.unfamiliar)])
     n = len(pending)
     pending.clear()

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from mm.confidence import reported
 from mm.shard_outputs import json_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -284,7 +285,7 @@ def caption_all(cap, args, options: dict, out) -> tuple[int, int]:
             return
         res = cap.run([img for _, img in pending], task=args.task, **options)
         for (rec, _), text, conf, odd in zip(pending, res.texts, res.confidence, res.unfamiliar):
-            line = rec | {"caption": text, "task": args.task, "confidence": round(conf, 4), "unfamiliar": odd}
+            line = rec | {"caption": text, "task": args.task} | reported(conf, odd)
             out.write(json_line(line))
         out.flush()
         done += len(pending)

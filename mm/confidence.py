@@ -151,3 +151,12 @@ def fit(features: torch.Tensor, shrinkage: float = 0.05) -> tuple[torch.Tensor, 
 def confidence(mean_logprob: torch.Tensor, familiarity: torch.Tensor | None) -> torch.Tensor:
     conf = mean_logprob.exp()
     return conf if familiarity is None else conf * familiarity
+
+
+def reported(conf: float, unfamiliar: bool) -> dict:
+    """{"confidence", "unfamiliar"} as every output reports them (the API, the page's tables,
+    `mm caption`): both None when the confidence is not a number, since JSON has no NaN and no
+    flag may rest on one."""
+    if not math.isfinite(conf):
+        return {"confidence": None, "unfamiliar": None}
+    return {"confidence": round(conf, 4), "unfamiliar": bool(unfamiliar)}

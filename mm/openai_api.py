@@ -38,6 +38,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from mm.confidence import reported
 from mm.engine import Engine
 from mm.protocol import (
     AssistantMessage,
@@ -202,9 +203,7 @@ def _finish(res, eos_id: int) -> str:
 def judgement(conf: float, cap, task: str) -> dict:
     """{"confidence", "unfamiliar"} as the API and the page's tables report them: both None when
     the confidence is not a number (JSON has no NaN, and no flag may rest on one)."""
-    if not math.isfinite(conf):
-        return {"confidence": None, "unfamiliar": None}
-    return {"confidence": round(conf, 4), "unfamiliar": cap.unfamiliar(conf, task)}
+    return reported(conf, math.isfinite(conf) and cap.unfamiliar(conf, task))
 
 
 def _judgement(res, engine: Engine, task: str) -> dict:

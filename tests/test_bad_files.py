@@ -326,3 +326,30 @@ def test_nan_confidence_is_never_written_as_json_nan():
     engine = SimpleNamespace(cap=SimpleNamespace(unfamiliar=lambda c, t: pytest.fail("judged a NaN")))
     assert _judgement(res, engine, "caption") == {"confidence": None, "unfamiliar": None}
     json.dumps(_judgement(res, engine, "caption"), allow_nan=False)
+
+
+@pytest.mark.parametrize("bulk", [False, True])
+def test_mm_caption_writes_no_nan_confidence(trained_micro, tmp_path, monkeypatch, bulk):
+    """A non-finite confidence reaches `mm caption`'s JSONL (stdout/--out and --output-dir) as null."""
+    from mm.captioner import Captioner
+    from mm.cli import main
+
+    real_run = Captioner.run
+
+    def nan_run(self, *args, **kwargs):
+        res = real_run(self, *args, **kwargs)
+        res.confidence = [math.nan] * len(res.texts)
+        return res
+
+    monkeypatch.setattr(Captioner, "run", nan_run)
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "a.png")
+    out = ["--output-dir", str(tmp_path / "outs")] if bulk else ["--out", str(tmp_path / "a.jsonl")]
+    rc = main(["caption", str(tmp_path / "a.png"), "--checkpoint", str(trained_micro), "--max-new-tokens", "2",
+               *out])
+    written = (sorted((tmp_path / "outs").glob("*.jsonl")) if bulk else [tmp_path / "a.jsonl"])
+    lines = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in the output"))
+             for f in written for x in f.read_text().splitlines()]
+    assert rc == 0 and len(lines) == 1
+    assert lines[0]["confidence"] is None and lines[0]["unfamiliar"] is None

@@ -22,8 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lm
+from lm import Reference
 from mm.captioner import Captioner
-from mm.generate import Reference
 from train.data.scenes import render, sample_rng, sample_scene
 
 

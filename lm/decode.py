@@ -333,8 +333,9 @@ class DecodeSteps:
             ids = F.pad(ids, (0, tp - t, 0, m - b))
             positions = F.pad(positions, (0, 0, 0, m - b))
         bound = cache.max_len if compiled else (start + t if start is not None else None)
+        valid = None if tp == t else (torch.arange(tp, device=ids.device) < t).expand(m, tp)  # routing counts
         out = self.forward(self.embed(ids), cache if cache.batch_size == m else cache.rows(m), positions,
-                           bound=bound, compiled=compiled)
+                           bound=bound, compiled=compiled, valid=valid)
         if (m, tp) == (b, t):
             return out
         return DecodeOutput(out.logits[:b, :t], out.hidden[:b, :t], out.counts[:, :b])
@@ -385,7 +386,7 @@ class Decoder(DecodeSteps):
         self._rows: dict[int, torch.Tensor] = {}
         self._slots = torch.arange(cfg.max_position_embeddings, device=self.device)
         self.compiled = False
-        self._forward, self._mtp = self._forward_eager, self._mtp_eager
+        self._forward, self._mtp, self._draft = self._forward_eager, self._mtp_eager, self._draft_eager
 
     def compile(self, mode: str | None = None) -> Decoder:
         """Compile the main step and the MTP step with static shapes (inductor; mode
@@ -398,6 +399,7 @@ class Decoder(DecodeSteps):
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._forward = torch.compile(self._forward_eager, dynamic=False, mode=mode)
         self._mtp = torch.compile(self._mtp_eager, dynamic=False, mode=mode)
+        self._draft = torch.compile(self._draft_eager, dynamic=False, mode=mode)
         self.compiled = True
         return self
 
@@ -463,10 +465,34 @@ class Decoder(DecodeSteps):
         fn = self._mtp if compiled else self._mtp_eager
         return fn(k - 1, hidden_prev, embeds_ahead, cache.mtp_layer(k).buf, rows, positions, slots)
 
-    def _mtp_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+    def draft(self, hidden: torch.Tensor, ahead: torch.Tensor, cache: KVCache, start: int,
+              depth: int = 1) -> Draft:
+        """As DecodeSteps.draft, in one function (compiled with the main step): the head and
+        the proposal only at the last position."""
+        b, n = hidden.shape[:2]
+        if not ahead.is_floating_point():
+            ahead = self.embed(ahead)
+        compiled = self.compiled and n <= COMPILED_TOKENS
+        positions = torch.arange(start, start + n, device=hidden.device).expand(b, n)
+        rows, slots, _ = self._inputs(cache.max_len, positions, cache.max_len if compiled else start + n)
+        fn = self._draft if compiled else self._draft_eager
+        return Draft(*fn(depth - 1, hidden, ahead, cache.mtp_layer(depth).buf, rows, positions, slots))
+
+    def _mtp_hidden(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+        """MTP module i's block output: M(W [enorm(e); hnorm(h)]) at `positions` of its cache."""
         m = self.mtp[i]
         c, s, mask_bias = self._prepare(positions, slots)
         x = F.linear(torch.cat([rms_norm(embeds_ahead, m.enorm, self.eps), rms_norm(hidden_prev, m.hnorm, self.eps)],
                                -1), m.eh_proj)
         h, _ = m.block(x, c, s, buf, rows, positions, mask_bias, slots.shape[0])
-        return F.linear(rms_norm(h, m.norm, self.eps), self.head), h
+        return h
+
+    def _mtp_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+        h = self._mtp_hidden(i, hidden_prev, embeds_ahead, buf, rows, positions, slots)
+        return F.linear(rms_norm(h, self.mtp[i].norm, self.eps), self.head), h
+
+    def _draft_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+        h = self._mtp_hidden(i, hidden_prev, embeds_ahead, buf, rows, positions, slots)
+        logits = F.linear(rms_norm(h[:, -1], self.mtp[i].norm, self.eps), self.head)
+        probs, tokens = logits.float().softmax(-1).max(-1)
+        return tokens, probs, h

@@ -210,3 +210,16 @@ def test_speculation_equals_plain_greedy_across_options(bundled):
         assert spec.stats.new_tokens == plain.stats.new_tokens, options
         assert spec.confidence == pytest.approx(plain.confidence, abs=1e-4), options
         assert spec.stats.speculative == (options["repetition_penalty"] == 1.0), options
+
+
+@pytest.mark.slow
+def test_compiled_speculation_equals_plain_greedy():
+    """compile=True compiles the draft step with the main one; outputs stay plain greedy's."""
+    from mm.captioner import Captioner
+
+    cap = Captioner.from_pretrained(None, device="cpu", compile=True)
+    images = [render(sample_scene(sample_rng("test", 11, i))) for i in range(3)]
+    for task in ("caption", "describe"):
+        plain = cap.run(images, task=task, min_new_tokens=3)
+        spec = cap.run(images, task=task, min_new_tokens=3, speculative=True)
+        assert spec.texts == plain.texts and spec.stats.speculative and spec.stats.acceptance > 0.5

@@ -290,6 +290,7 @@ class Draft(NamedTuple):
 
 
 COMPILED_TOKENS = 16  # new tokens per row up to which a compiled step runs its graph; more is a prefill
+#                       (lm.Decoder lowers it to what the gathered MoE path takes: see compiled_tokens)
 CACHE_ROUND = 64  # a compiled step attends the whole cache: lengths in steps of 64 share graphs
 
 
@@ -306,6 +307,7 @@ class DecodeSteps:
     """
 
     compiled = False
+    compiled_tokens = COMPILED_TOKENS
 
     def cache_len(self, n: int) -> int:
         return -(-n // CACHE_ROUND) * CACHE_ROUND if self.compiled else n
@@ -322,7 +324,7 @@ class DecodeSteps:
         Rows of the cache past B are scratch that a compiled step may write."""
         b, t = ids.shape
         start = positions if isinstance(positions, int) else None
-        compiled = self.compiled and t <= COMPILED_TOKENS
+        compiled = self.compiled and t <= self.compiled_tokens
         m, tp = b, t
         if compiled:
             m = min(_pow2(b), cache.batch_size)
@@ -347,7 +349,7 @@ class DecodeSteps:
         b, n = hidden.shape[:2]
         if not ahead.is_floating_point():
             ahead = self.embed(ahead)
-        compiled = self.compiled and n <= COMPILED_TOKENS
+        compiled = self.compiled and n <= self.compiled_tokens
         positions = torch.arange(start, start + n, device=hidden.device).expand(b, n)
         logits, h = self.mtp_step(depth, hidden, ahead, cache, positions,
                                   bound=cache.max_len if compiled else start + n, compiled=compiled)
@@ -385,6 +387,9 @@ class Decoder(DecodeSteps):
         self.n_main = len(self.blocks)
         self._rows: dict[int, torch.Tensor] = {}
         self._slots = torch.arange(cfg.max_position_embeddings, device=self.device)
+        # A compiled step must take the gathered MoE path (the by-views one breaks the graph on
+        # host expert ids and recompiles per routing): at most gather_limit (token, expert) pairs.
+        self.compiled_tokens = max(1, limit // cfg.num_experts_per_tok)
         self.compiled = False
         self._forward, self._mtp, self._draft = self._forward_eager, self._mtp_eager, self._draft_eager
 
@@ -472,7 +477,10 @@ class Decoder(DecodeSteps):
         b, n = hidden.shape[:2]
         if not ahead.is_floating_point():
             ahead = self.embed(ahead)
-        compiled = self.compiled and n <= COMPILED_TOKENS
+        compiled = self.compiled and n <= self.compiled_tokens
+        if compiled:  # slices of a longer hidden state: standard strides, one graph per shape
+            hidden = hidden.clone(memory_format=torch.contiguous_format)
+            ahead = ahead.clone(memory_format=torch.contiguous_format)
         positions = torch.arange(start, start + n, device=hidden.device).expand(b, n)
         rows, slots, _ = self._inputs(cache.max_len, positions, cache.max_len if compiled else start + n)
         fn = self._draft if compiled else self._draft_eager

@@ -198,7 +198,7 @@ class _Drafter:
         self.chained = 0
 
     def _ids(self, tokens: list[int]) -> torch.Tensor:
-        return torch.tensor([tokens], device=self.hidden.device)
+        return torch.tensor([tokens], device=self.s.embeds.device)
 
     def propose(self) -> list[int]:
         committed, drafts = self.s.pos, []  # main-model positions holding accepted tokens

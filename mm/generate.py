@@ -204,7 +204,7 @@ class _Drafter:
         committed, drafts = self.s.pos, []  # main-model positions holding accepted tokens
         d = self.dec.draft(self.hidden, self.ahead, self.s.cache, committed - self.hidden.shape[1])
         self.chained = 0
-        while True:  # the first draft always: verifying two tokens costs about what one does
+        while True:  # the first draft always: verifying two tokens costs little more than one
             drafts.append(int(d.tokens[0]))
             if len(drafts) == self.depth or float(d.probs[0]) < DRAFT_MIN_PROB:
                 break
@@ -214,7 +214,7 @@ class _Drafter:
 
     def keep(self, out, new: list[int], accepted: int) -> None:
         """After a verification: the main model keeps the last token and the accepted drafts.
-        Chain step j left the MTP cache entry of position committed + j, built from draft j;
+        Chain step j left the MTP cache entry of position committed + j, built from drafts[j];
         those whose draft was accepted hold the right token and stay (their hidden input was
         the module's own, not the main model's: only later drafts can differ, never the
         output). The rest are recomputed from the main model's hidden states next round."""

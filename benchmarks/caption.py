@@ -22,8 +22,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import lm
+from lm import Reference
 from mm.captioner import Captioner
-from mm.generate import Reference
 from train.data.scenes import render, sample_rng, sample_scene
 
 
@@ -36,14 +36,12 @@ def percentile(xs, q):
 def ops_per_decode_forward(cap: Captioner, decoder) -> int:
     """Aten op calls of one one-token forward at batch 1, 16 tokens into the sequence."""
     cache = decoder.new_cache(1, 64)
-    pos = torch.arange(64)[None]
-    decoder(decoder.embed(torch.arange(16)[None]), cache, pos[:, :16], compiled=False)
+    decoder.prefill(decoder.embed(torch.arange(16)[None]), cache)
     ids = torch.tensor([[cap.tokenizer.eos_id]])
-    bound = cache.max_len if decoder.compiled else 17
     for _ in range(2):  # warm (and, when compiled, compile) before counting
-        decoder(decoder.embed(ids), cache, pos[:, 16:17], bound=bound)
+        decoder.step(ids, cache, 16)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        decoder(decoder.embed(ids), cache, pos[:, 16:17], bound=bound)
+        decoder.step(ids, cache, 16)
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
 
 

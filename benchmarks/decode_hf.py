@@ -62,15 +62,13 @@ def ours_generate(dec: lm.Decoder, ids: torch.Tensor, new: int):
     """Greedy tokens [B, new], prefill seconds, decode seconds."""
     b, n = ids.shape
     cache = dec.new_cache(b, n + new)
-    pos = torch.arange(n + new).expand(b, -1)
     t0 = time.perf_counter()
-    out = dec(dec.embed(ids), cache, pos[:, :n], bound=n, last_only=True, compiled=False)
+    out = dec.prefill(dec.embed(ids), cache)
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     toks = [tok]
     t1 = time.perf_counter()
-    for p in range(n, n + new - 1):
-        bound = cache.max_len if dec.compiled else p + 1  # compiled: one shape for every step
-        tok = dec(dec.embed(tok), cache, pos[:, p:p + 1], bound=bound).logits[:, -1].argmax(-1, keepdim=True)
+    for p in range(n, n + new - 1):  # the decoder picks the shapes (one graph for every step when compiled)
+        tok = dec.step(tok, cache, p).logits[:, -1].argmax(-1, keepdim=True)
         toks.append(tok)
     t2 = time.perf_counter()
     return torch.cat(toks, 1), t1 - t0, t2 - t1

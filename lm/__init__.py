@@ -3,7 +3,7 @@
 from lm.attention import MLA
 from lm.cache import KVCache, LayerCache
 from lm.config import ConfigError, LMConfig
-from lm.decode import DecodeOutput, Decoder
+from lm.decode import DecodeOutput, Decoder, DecodeSteps, Draft, MTPLayer
 from lm.hf import load_hf, save_hf
 from lm.loss import IGNORE_INDEX, ce_sum, target_counts
 from lm.model import Block, LMOutput, Transformer
@@ -21,11 +21,12 @@ from lm.moe import (
 )
 from lm.mtp import MTPModule, mtp_loss
 from lm.norm import RMSNorm
+from lm.reference import Reference
 from lm.rope import RotaryEmbedding, apply_rope, softmax_scale
 
 __all__ = [
-    "IGNORE_INDEX", "MLA", "MLP", "Block", "ConfigError", "DecodeOutput", "Decoder", "Gate", "KVCache", "LMConfig", "LMOutput", "LayerCache",
-    "MTPModule", "MoE", "RMSNorm", "RotaryEmbedding", "RoutedExperts", "Transformer", "apply_rope", "ce_sum",
+    "IGNORE_INDEX", "MLA", "MLP", "Block", "ConfigError", "DecodeOutput", "DecodeSteps", "Decoder", "Draft", "Gate", "KVCache", "LMConfig", "LMOutput", "LayerCache",
+    "MTPLayer", "MTPModule", "MoE", "RMSNorm", "Reference", "RotaryEmbedding", "RoutedExperts", "Transformer", "apply_rope", "ce_sum",
     "load_hf", "load_stats", "max_over_mean", "moe_layers", "mtp_loss", "route", "router_loads", "save_hf", "softmax_scale",
     "target_counts", "update_router_bias",
 ]

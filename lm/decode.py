@@ -6,14 +6,20 @@ per-operation overhead on small models: about 2,700 PyTorch calls for the bundle
 microseconds of arithmetic. `Decoder` keeps the weights rearranged once for inference
 and runs a block in a few dozen calls:
 
-- MLA, absorbed (DeepSeek-V2 section 2.1.2). The query, latent and rope projections of x
-  are one product with columns [q_nope | kv | q_pe | k_pe]; every head's rope part is
-  rotated together with the shared rope key; wkv_b's key half takes the query into
-  latent space and its value half takes the output out of it, one batched product over
-  the heads each. (Folding those halves into wq and wo would save two products but
+- MLA, absorbed (DeepSeek-V2 section 2.1.2; DeepSeek-V3 section 2.1.1). With c^KV_j the latent of
+  token j (kv_lora_rank wide), W^UK/W^UV the key and value halves of wkv_b per head i,
+  and q^C, q^R / k^R the no-rope and rope parts (qk_nope_head_dim, qk_rope_head_dim):
+      (1) k^C_{j,i} = W^UK_i c^KV_j,  v^C_{j,i} = W^UV_i c^KV_j
+      (2) q_{t,i}.k_{j,i} = (W^UK_i^T q^C_{t,i}) . c^KV_j + q^R_{t,i} . k^R_j
+      (3) o_{t,i} = W^UV_i sum_j softmax_j(...) c^KV_j        (v_head_dim wide)
+  so keys and values never leave latent space: the query is taken into it (2) and the
+  weighted latent out of it (3), one batched product over the heads each. The query,
+  latent and rope projections of x are one product with columns [q_nope | kv | q_pe | k_pe];
+  every head's rope part is rotated together with the shared rope key k^R. (Folding W^UK
+  and W^UV into wq and wo would save two products but
   multiply those weights' bytes by kv_lora_rank / qk_nope_head_dim, and a decode step
   is bound by the bytes it reads.) A prefill, with many new tokens, instead expands the
-  latent into per-head keys and values once, as the reference's naive path does.
+  latent into per-head keys and values once (1), as the reference's naive path does.
   The cache holds [kv | k_pe] per token in one buffer,
   so the scores of all heads of all new tokens are ONE batched product against it: in
   latent space MLA is multi-query attention.
@@ -39,6 +45,7 @@ weights change.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -78,75 +85,85 @@ def rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 class _Attention:
-    """One MLA layer's weights, rearranged for the absorbed path."""
+    """One MLA layer's weights, rearranged for the absorbed path (module docstring, eqs. 1-3)."""
 
     def __init__(self, attn: MLA, dtype: torch.dtype):
-        h, c, r = attn.n_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
-        nope, v = attn.qk_nope_head_dim, attn.v_head_dim
-        self.h, self.c, self.r, self.nope, self.v, self.q_lora = h, c, r, nope, v, attn.q_lora_rank
+        n_heads, rank, rope = attn.n_heads, attn.kv_lora_rank, attn.qk_rope_head_dim
+        nope, v_dim = attn.qk_nope_head_dim, attn.v_head_dim
+        self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim = n_heads, rank, rope
+        self.qk_nope_head_dim, self.v_head_dim, self.q_lora_rank = nope, v_dim, attn.q_lora_rank
         self.scale = attn.softmax_scale
-        wkv_b = attn.wkv_b.weight.detach().view(h, nope + v, c)
-        self.w_uk = wkv_b[:, :nope].to(dtype)  # [H, nope, C]: a head's query into latent space
-        self.w_uv_t = wkv_b[:, nope:].transpose(1, 2).to(dtype)  # [H, C, v]: latent out to the head's values
-        wq = (attn.wq_b if self.q_lora else attn.wq).weight.detach()
-        wq = wq.view(h, nope + r, wq.shape[-1])
-        q_nope, q_pe = wq[:, :nope].flatten(0, 1), wq[:, nope:].flatten(0, 1)  # rows regrouped: all heads' nope, then rope
-        wkv_a, bkv_a = attn.wkv_a.weight.detach(), attn.wkv_a.bias
-        if self.q_lora:
-            self.w_a = torch.cat([attn.wq_a.weight.detach(), wkv_a]).to(dtype)  # [q_lora + C + R, D]
-            self.b_a = None if bkv_a is None else torch.cat([attn.wq_a.bias, bkv_a]).detach().to(dtype)
-            self.q_norm = attn.q_norm.weight.detach().to(dtype)
-            self.w_qb = torch.cat([q_nope, q_pe]).to(dtype)  # [H*nope + H*R, q_lora]
-        else:
-            # rows [q_nope | kv | q_pe | k_pe]: the heads' rope queries sit next to the rope key
-            self.w_a = torch.cat([q_nope, wkv_a[:c], q_pe, wkv_a[c:]]).to(dtype)
-            self.b_a = None
-            if bkv_a is not None:
-                zeros = bkv_a.new_zeros(h * max(nope, r))
-                self.b_a = torch.cat([zeros[: h * nope], bkv_a[:c], zeros[: h * r], bkv_a[c:]]).detach().to(dtype)
+        wkv_b = attn.wkv_b.weight.detach().view(n_heads, nope + v_dim, rank)
+        self.w_uk = wkv_b[:, :nope].to(dtype)  # [H, nope, C]: W^UK, a head's query into latent space (eq. 2)
+        self.w_uv_t = wkv_b[:, nope:].transpose(1, 2).to(dtype)  # [H, C, v]: W^UV, latent out to the values (eq. 3)
+        self._fuse_down_projections(attn, dtype)
         self.kv_norm = attn.kv_norm.weight.detach().to(dtype)
         self.wkv_b = attn.wkv_b.weight.detach().to(dtype)
         # Past this many new tokens (a prefill) expanding the latent into per-head keys and values
         # once costs less than attending in latent space (kv_lora_rank per head per pair).
-        self.expand_from = (nope + v) // 2
+        self.expand_from = (nope + v_dim) // 2
         self.w_o = attn.wo.weight.detach().to(dtype)
         self.b_o = None if attn.wo.bias is None else attn.wo.bias.detach().to(dtype)
 
+    def _fuse_down_projections(self, attn: MLA, dtype: torch.dtype) -> None:
+        """The products of x in one weight: rows [q_nope | kv | q_pe | k_pe] (or, with a query
+        LoRA, [q_a | kv | k_pe] and the up-projection [q_nope | q_pe])."""
+        n_heads, rank, nope = self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim
+        rope = self.qk_rope_head_dim
+        wq = (attn.wq_b if self.q_lora_rank else attn.wq).weight.detach()
+        wq = wq.view(n_heads, nope + rope, wq.shape[-1])
+        q_nope, q_pe = wq[:, :nope].flatten(0, 1), wq[:, nope:].flatten(0, 1)  # all heads' nope rows, then rope
+        wkv_a, bkv_a = attn.wkv_a.weight.detach(), attn.wkv_a.bias
+        if self.q_lora_rank:
+            self.w_a = torch.cat([attn.wq_a.weight.detach(), wkv_a]).to(dtype)  # [q_lora + C + R, D]
+            self.b_a = None if bkv_a is None else torch.cat([attn.wq_a.bias, bkv_a]).detach().to(dtype)
+            self.q_norm = attn.q_norm.weight.detach().to(dtype)
+            self.w_qb = torch.cat([q_nope, q_pe]).to(dtype)  # [H*nope + H*R, q_lora]
+            return
+        # the heads' rope queries sit next to the rope key: one rotation for all of them
+        self.w_a = torch.cat([q_nope, wkv_a[:rank], q_pe, wkv_a[rank:]]).to(dtype)
+        self.b_a = None
+        if bkv_a is not None:
+            zeros = bkv_a.new_zeros(n_heads * max(nope, rope))
+            self.b_a = torch.cat([zeros[: n_heads * nope], bkv_a[:rank], zeros[: n_heads * rope],
+                                  bkv_a[rank:]]).detach().to(dtype)
+
     def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound):
         b, t, _ = x.shape
-        h, lat, r, nope = self.h, self.c, self.r, self.nope
-        if self.q_lora:
-            qa, kv, k_pe = F.linear(x, self.w_a, self.b_a).split([self.q_lora, lat, r], -1)
-            q_nope, q_pe = F.linear(rms_norm(qa, self.q_norm, LATENT_EPS), self.w_qb).split([h * nope, h * r], -1)
+        n_heads, rank, rope, nope = self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
+        if self.q_lora_rank:
+            qa, kv, k_pe = F.linear(x, self.w_a, self.b_a).split([self.q_lora_rank, rank, rope], -1)
+            q_nope, q_pe = F.linear(rms_norm(qa, self.q_norm, LATENT_EPS), self.w_qb).split(
+                [n_heads * nope, n_heads * rope], -1)
             pe = torch.cat([q_pe, k_pe], -1)
         else:
-            q_nope, kv, pe = F.linear(x, self.w_a, self.b_a).split([h * nope, lat, (h + 1) * r], -1)
-        pe = rotate(pe.view(b, t, h + 1, r), c, s)  # the heads' rope queries and the shared rope key
-        buf.index_put_((rows, positions), torch.cat([rms_norm(kv, self.kv_norm, LATENT_EPS), pe[:, :, h]], -1))
+            q_nope, kv, pe = F.linear(x, self.w_a, self.b_a).split([n_heads * nope, rank, (n_heads + 1) * rope], -1)
+        pe = rotate(pe.view(b, t, n_heads + 1, rope), c, s)  # the heads' rope queries and the shared rope key
+        buf.index_put_((rows, positions), torch.cat([rms_norm(kv, self.kv_norm, LATENT_EPS), pe[:, :, n_heads]], -1))
         if t > self.expand_from:
             return self._expanded(q_nope, pe, buf[:, :bound], mask_bias)
-        q_lat = torch.bmm(q_nope.reshape(b * t, h, nope).transpose(0, 1), self.w_uk)  # [H, B*T, C]
-        q = torch.cat([q_lat.view(h, b, t, lat).permute(1, 2, 0, 3), pe[:, :, :h]], -1).view(b, t * h, lat + r)
-        keys = buf[:, :bound]  # [B, S, C + R]
-        scores = torch.bmm(q, keys.transpose(1, 2)).float().view(b, t, h, bound)
-        probs = (scores * self.scale + mask_bias).softmax(-1).to(x.dtype)
-        out = torch.bmm(probs.view(b, t * h, bound), keys[..., :lat])  # [B, T*H, C]: values are the latent
-        out = torch.bmm(out.view(b * t, h, lat).transpose(0, 1), self.w_uv_t)  # [H, B*T, v]
-        return F.linear(out.transpose(0, 1).reshape(b, t, h * self.v), self.w_o, self.b_o)
-
+        # eq. 2: W^UK_i^T q^C_{t,i}, each head's query in latent space
+        q_lat = torch.bmm(q_nope.reshape(b * t, n_heads, nope).transpose(0, 1), self.w_uk)  # [H, B*T, C]
+        q = torch.cat([q_lat.view(n_heads, b, t, rank).permute(1, 2, 0, 3), pe[:, :, :n_heads]], -1)
+        keys = buf[:, :bound]  # [B, S, C + R]: [c^KV_j | k^R_j]
+        scores = torch.bmm(q.view(b, t * n_heads, rank + rope), keys.transpose(1, 2)).float()
+        probs = (scores.view(b, t, n_heads, bound) * self.scale + mask_bias).softmax(-1).to(x.dtype)
+        out = torch.bmm(probs.view(b, t * n_heads, bound), keys[..., :rank])  # [B, T*H, C]: values are the latent
+        out = torch.bmm(out.view(b * t, n_heads, rank).transpose(0, 1), self.w_uv_t)  # eq. 3: [H, B*T, v]
+        return F.linear(out.transpose(0, 1).reshape(b, t, n_heads * self.v_head_dim), self.w_o, self.b_o)
 
     def _expanded(self, q_nope, pe, keys, mask_bias):
         """The naive path (lm.MLA._naive) over the cached slots: per-head keys and values from the
-        latent, then scaled-dot-product attention."""
+        latent (eq. 1), then scaled-dot-product attention."""
         b, t, _ = q_nope.shape
-        h, lat, nope, s = self.h, self.c, self.nope, keys.shape[1]
-        kv = F.linear(keys[..., :lat], self.wkv_b).view(b, s, h, nope + self.v)
-        k_nope, v = kv.split([nope, self.v], -1)
-        k = torch.cat([k_nope, keys[:, :, None, lat:].expand(b, s, h, self.r)], -1)
-        q = torch.cat([q_nope.view(b, t, h, nope), pe[:, :, :h]], -1)
+        n_heads, rank, nope, s = self.n_heads, self.kv_lora_rank, self.qk_nope_head_dim, keys.shape[1]
+        kv = F.linear(keys[..., :rank], self.wkv_b).view(b, s, n_heads, nope + self.v_head_dim)
+        k_nope, v = kv.split([nope, self.v_head_dim], -1)
+        k = torch.cat([k_nope, keys[:, :, None, rank:].expand(b, s, n_heads, self.qk_rope_head_dim)], -1)
+        q = torch.cat([q_nope.view(b, t, n_heads, nope), pe[:, :, :n_heads]], -1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=mask_bias.transpose(1, 2).to(q.dtype), scale=self.scale)
-        return F.linear(out.transpose(1, 2).reshape(b, t, h * self.v), self.w_o, self.b_o)
+        return F.linear(out.transpose(1, 2).reshape(b, t, n_heads * self.v_head_dim), self.w_o, self.b_o)
 
 
 class _MLP:
@@ -254,13 +271,101 @@ class _Block:
         return x + self.ffn(h), None
 
 
-class Decoder:
+class MTPLayer(NamedTuple):
+    """One MTP module's weights for decoding (lm.mtp.MTPModule): h' = M(W [enorm(e); hnorm(h)])."""
+
+    enorm: torch.Tensor  # RMSNorm weight over the embedding of the token ahead
+    hnorm: torch.Tensor  # RMSNorm weight over the previous depth's hidden state
+    eh_proj: torch.Tensor  # [D, 2D]: the projection of their concatenation
+    block: _Block
+    norm: torch.Tensor  # the final RMSNorm before the shared head
+
+
+class Draft(NamedTuple):
+    """An MTP step's proposal at its last position, and its hidden states for the next depth."""
+
+    tokens: torch.Tensor  # [B] the argmax
+    probs: torch.Tensor  # [B] its probability, for the draft policy
+    hidden: torch.Tensor  # [B, n, D]
+
+
+COMPILED_TOKENS = 16  # new tokens per row up to which a compiled step runs its graph; more is a prefill
+#                       (lm.Decoder lowers it to what the gathered MoE path takes: see compiled_tokens)
+CACHE_ROUND = 64  # a compiled step attends the whole cache: lengths in steps of 64 share graphs
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+class DecodeSteps:
+    """The entry points of a decode loop, over `forward` and `mtp_step` (lm.Decoder, lm.Reference).
+
+    They own the compile policy: a compiled decoder gets caches rounded up to CACHE_ROUND
+    slots, steps that attend the whole buffer, and batches and token counts padded to
+    powers of two (where the cache has room), so a few graphs serve every request.
+    """
+
+    compiled = False
+    compiled_tokens = COMPILED_TOKENS
+
+    def cache_len(self, n: int) -> int:
+        return -(-n // CACHE_ROUND) * CACHE_ROUND if self.compiled else n
+
+    def prefill(self, embeds: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
+                last_only: bool = True) -> DecodeOutput:
+        """embeds [B, T, D] at positions 0..T-1 of every row (eager: a one-off shape)."""
+        b, t = embeds.shape[:2]
+        positions = torch.arange(t, device=embeds.device).expand(b, t)
+        return self.forward(embeds, cache, positions, bound=t, last_only=last_only, compiled=False, valid=valid)
+
+    def step(self, ids: torch.Tensor, cache: KVCache, positions: int | torch.Tensor) -> DecodeOutput:
+        """ids [B, T] written at `positions`: [B, T] per row, or an int, every row's first.
+        Rows of the cache past B are scratch that a compiled step may write."""
+        b, t = ids.shape
+        start = positions if isinstance(positions, int) else None
+        compiled = self.compiled and t <= self.compiled_tokens
+        m, tp = b, t
+        if compiled:
+            m = min(_pow2(b), cache.batch_size)
+            tp = _pow2(t) if start is not None and start + _pow2(t) <= cache.max_len else t
+        if start is not None:
+            positions = torch.arange(start, start + tp, device=ids.device).expand(b, tp)
+        if (m, tp) != (b, t):  # padding: token 0 at the next slots of the rows, at slot 0 of spare rows
+            ids = F.pad(ids, (0, tp - t, 0, m - b))
+            positions = F.pad(positions, (0, 0, 0, m - b))
+        bound = cache.max_len if compiled else (start + t if start is not None else None)
+        valid = None if tp == t else (torch.arange(tp, device=ids.device) < t).expand(m, tp)  # routing counts
+        out = self.forward(self.embed(ids), cache if cache.batch_size == m else cache.rows(m), positions,
+                           bound=bound, compiled=compiled, valid=valid)
+        if (m, tp) == (b, t):
+            return out
+        return DecodeOutput(out.logits[:b, :t], out.hidden[:b, :t], out.counts[:, :b])
+
+    def draft(self, hidden: torch.Tensor, ahead: torch.Tensor, cache: KVCache, start: int,
+              depth: int = 1) -> Draft:
+        """MTP `depth` over aligned positions start.. of hidden [B, n, D] and the tokens ahead
+        (ids [B, n], or their embeddings [B, n, D]); the proposal at the last position."""
+        b, n = hidden.shape[:2]
+        if not ahead.is_floating_point():
+            ahead = self.embed(ahead)
+        compiled = self.compiled and n <= self.compiled_tokens
+        positions = torch.arange(start, start + n, device=hidden.device).expand(b, n)
+        logits, h = self.mtp_step(depth, hidden, ahead, cache, positions,
+                                  bound=cache.max_len if compiled else start + n, compiled=compiled)
+        probs, tokens = logits[:, -1].float().softmax(-1).max(-1)
+        return Draft(tokens, probs, h)
+
+
+class Decoder(DecodeSteps):
     """`Transformer` inference with fused weights and per-row positions (see the module docstring).
 
-    forward(embeds [B, T, D], cache, positions [B, T]) writes the T new tokens of each row
-    at their positions in the cache's main layers and returns their logits and hidden
-    states; `bound` (default: the largest position + 1) is how many cache slots attention
-    reads, and a fixed bound keeps the shapes of every step equal.
+    Decode loops call the entry points `prefill`, `step` and `draft` (DecodeSteps), which
+    choose the shapes and whether the compiled graph runs. forward(embeds [B, T, D], cache,
+    positions [B, T]) is the step underneath: it writes the T new tokens of each row at
+    their positions in the cache's main layers and returns their logits and hidden states;
+    `bound` (default: the largest position + 1) is how many cache slots attention reads,
+    and a fixed bound keeps the shapes of every step equal.
     """
 
     def __init__(self, model: Transformer, gather_limit: int | None = None):
@@ -276,24 +381,30 @@ class Decoder:
             self.blocks = [_Block(b, self.dtype, limit) for b in model.layers]
             self.norm, self.eps = model.norm.weight.detach(), model.norm.eps
             self.head = model.head.weight.detach()
-            self.mtp = [(m.enorm.weight.detach(), m.hnorm.weight.detach(), m.eh_proj.weight.detach(),
-                         _Block(m.block, self.dtype, limit), m.norm.weight.detach()) for m in model.mtp]
+            self.mtp = [MTPLayer(m.enorm.weight.detach(), m.hnorm.weight.detach(), m.eh_proj.weight.detach(),
+                                 _Block(m.block, self.dtype, limit), m.norm.weight.detach()) for m in model.mtp]
         self.rope = model.rope
         self.n_main = len(self.blocks)
         self._rows: dict[int, torch.Tensor] = {}
         self._slots = torch.arange(cfg.max_position_embeddings, device=self.device)
+        # A compiled step must take the gathered MoE path (the by-views one breaks the graph on
+        # host expert ids and recompiles per routing): at most gather_limit (token, expert) pairs.
+        self.compiled_tokens = max(1, limit // cfg.num_experts_per_tok)
         self.compiled = False
-        self._forward, self._mtp = self._forward_eager, self._mtp_eager
+        self._forward, self._mtp, self._draft = self._forward_eager, self._mtp_eager, self._draft_eager
 
     def compile(self, mode: str | None = None) -> Decoder:
-        """Compile the step functions with static shapes (inductor; mode "reduce-overhead" adds
-        CUDA graphs on a GPU). Each distinct (batch, new tokens, bound) compiles once, so callers
-        pass compiled=False for one-off shapes such as a prefill."""
-        for block in [*self.blocks, *(m[3] for m in self.mtp)]:
+        """Compile the main step and the MTP step with static shapes (inductor; mode
+        "reduce-overhead" adds CUDA graphs on a GPU). Each distinct (batch, new tokens, bound)
+        compiles once; the entry points keep those few (DecodeSteps)."""
+        for block in [*self.blocks, *(m.block for m in self.mtp)]:
             if block.is_moe:
                 block.ffn.gather_layout()
+        # graphs per step function: batch sizes x token counts x cache lengths (DecodeSteps)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._forward = torch.compile(self._forward_eager, dynamic=False, mode=mode)
         self._mtp = torch.compile(self._mtp_eager, dynamic=False, mode=mode)
+        self._draft = torch.compile(self._draft_eager, dynamic=False, mode=mode)
         self.compiled = True
         return self
 
@@ -301,7 +412,8 @@ class Decoder:
         return F.embedding(ids, self.embed_w)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
-        return KVCache(self.n_main, len(self.mtp), batch_size, max_len, self.cfg.kv_lora_rank,
+        """A cache for max_len tokens per row (more when compiled: `cache_len`)."""
+        return KVCache(self.n_main, len(self.mtp), batch_size, self.cache_len(max_len), self.cfg.kv_lora_rank,
                        self.cfg.qk_rope_head_dim, device=self.device, dtype=self.dtype)
 
     def _inputs(self, cache_len: int, positions: torch.Tensor, bound: int | None):
@@ -358,10 +470,37 @@ class Decoder:
         fn = self._mtp if compiled else self._mtp_eager
         return fn(k - 1, hidden_prev, embeds_ahead, cache.mtp_layer(k).buf, rows, positions, slots)
 
-    def _mtp_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
-        enorm, hnorm, eh_proj, block, norm = self.mtp[i]
+    def draft(self, hidden: torch.Tensor, ahead: torch.Tensor, cache: KVCache, start: int,
+              depth: int = 1) -> Draft:
+        """As DecodeSteps.draft, in one function (compiled with the main step): the head and
+        the proposal only at the last position."""
+        b, n = hidden.shape[:2]
+        if not ahead.is_floating_point():
+            ahead = self.embed(ahead)
+        compiled = self.compiled and n <= self.compiled_tokens
+        if compiled:  # slices of a longer hidden state: standard strides, one graph per shape
+            hidden = hidden.clone(memory_format=torch.contiguous_format)
+            ahead = ahead.clone(memory_format=torch.contiguous_format)
+        positions = torch.arange(start, start + n, device=hidden.device).expand(b, n)
+        rows, slots, _ = self._inputs(cache.max_len, positions, cache.max_len if compiled else start + n)
+        fn = self._draft if compiled else self._draft_eager
+        return Draft(*fn(depth - 1, hidden, ahead, cache.mtp_layer(depth).buf, rows, positions, slots))
+
+    def _mtp_hidden(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+        """MTP module i's block output: M(W [enorm(e); hnorm(h)]) at `positions` of its cache."""
+        m = self.mtp[i]
         c, s, mask_bias = self._prepare(positions, slots)
-        x = F.linear(torch.cat([rms_norm(embeds_ahead, enorm, self.eps), rms_norm(hidden_prev, hnorm, self.eps)], -1),
-                     eh_proj)
-        h, _ = block(x, c, s, buf, rows, positions, mask_bias, slots.shape[0])
-        return F.linear(rms_norm(h, norm, self.eps), self.head), h
+        x = F.linear(torch.cat([rms_norm(embeds_ahead, m.enorm, self.eps), rms_norm(hidden_prev, m.hnorm, self.eps)],
+                               -1), m.eh_proj)
+        h, _ = m.block(x, c, s, buf, rows, positions, mask_bias, slots.shape[0])
+        return h
+
+    def _mtp_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+        h = self._mtp_hidden(i, hidden_prev, embeds_ahead, buf, rows, positions, slots)
+        return F.linear(rms_norm(h, self.mtp[i].norm, self.eps), self.head), h
+
+    def _draft_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
+        h = self._mtp_hidden(i, hidden_prev, embeds_ahead, buf, rows, positions, slots)
+        logits = F.linear(rms_norm(h[:, -1], self.mtp[i].norm, self.eps), self.head)
+        probs, tokens = logits.float().softmax(-1).max(-1)
+        return tokens, probs, h

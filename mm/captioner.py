@@ -95,16 +95,26 @@ class Captioner:
     def save_pretrained(self, path) -> Path:
         return save_checkpoint(path, self.model, self.tokenizer)
 
-    def _gen_config(self, options: dict) -> GenerationConfig:
+    def generation_config(self, **options) -> GenerationConfig:
+        """The checked GenerationConfig of these options; raises TypeError for an unknown option
+        and lm.ConfigError (a ValueError) naming each bad value."""
         unknown = sorted(set(options) - _GEN_OPTIONS)
         if unknown:
             raise TypeError(f"unknown generation option(s) {unknown}; valid: {sorted(_GEN_OPTIONS)}")
         return GenerationConfig(**options).validate()
 
-    def _prefix(self, task: str, n: int) -> torch.Tensor:
+    def prefix(self, task: str, n: int = 1) -> torch.Tensor:
+        """The prompt ids [n, L] of `task` (<bos>, the image slots, the task's prompt)."""
         prompt = self.model.cfg.prompt(task)  # raises on an unknown task, naming the known ones
         ids = self.tokenizer.build_prompt(prompt, self.model.num_image_tokens)
         return torch.tensor([ids] * n, device=self.device)
+
+    # Kept for mm/engine.py until it calls the public names above; remove with that move.
+    def _gen_config(self, options: dict) -> GenerationConfig:
+        return self.generation_config(**options)
+
+    def _prefix(self, task: str, n: int) -> torch.Tensor:
+        return self.prefix(task, n)
 
     def _pixels(self, images) -> torch.Tensor:
         param = next(self.model.parameters())
@@ -119,12 +129,12 @@ class Captioner:
         images = [images] if single else list(images)
         if not images:
             raise ValueError("no images given: pass an image or a non-empty list of images")
-        gen = self._gen_config(options)
+        gen = self.generation_config(**options)
         self.model.cfg.prompt(task)  # an unknown task fails before any image is read
         texts, total = [], GenerationStats()
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
-            ids, stats = generate(self.model, self._pixels(chunk), self._prefix(task, len(chunk)), gen,
+            ids, stats = generate(self.model, self._pixels(chunk), self.prefix(task, len(chunk)), gen,
                                   self.tokenizer.eos_id, self.decoder)
             texts += [self.tokenizer.decode(row).strip() for row in ids]
             total.add(stats)
@@ -148,7 +158,7 @@ class Captioner:
     def stream(self, image, task: str = "caption", stats: GenerationStats | None = None,
                **options) -> Iterator[str]:
         """Yield the caption's text as it is generated, whole characters only."""
-        gen = self._gen_config(options)
+        gen = self.generation_config(**options)
         if gen.num_beams > 1:
             raise ValueError("beam search cannot stream: use num_beams=1, or caption() for beams")
         stats = stats if stats is not None else GenerationStats()
@@ -156,7 +166,7 @@ class Captioner:
         # Inference mode is entered per step, not across the yields: a server may resume
         # this generator on another thread, where a mode entered earlier does not hold.
         with torch.inference_mode():
-            pixels, prefix = self._pixels([image]), self._prefix(task, 1)
+            pixels, prefix = self._pixels([image]), self.prefix(task, 1)
             steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats, self.decoder)
         while True:
             with torch.inference_mode():

@@ -2,18 +2,21 @@
 
 Every decoder here prefills `<bos> <image>*N <prompt>` once into an `lm.KVCache` (which
 holds only the KV latent and the rope key per token) and then feeds one token per row
-per step. Rows of a batch share the prompt length (one task per call), so no padding
-is needed; finished rows keep emitting `<eos>` until every row is done.
+per step, through the decoder's entry points (`prefill`, `step`, `draft`), which own the
+shapes and the compiled graphs. Rows of a batch share the prompt length (one task per
+call), so no padding is needed; finished rows keep emitting `<eos>` until every row is
+done. Every token is chosen by the sampler (mm/sampling.py).
 
+Plain and speculative decoding are one loop (`stream_tokens`); beam search is its own.
 Self-speculative decoding (greedy only) uses the MTP module as the drafter: the main
 model's last hidden state and the embedding of the token it just chose give a draft of
-the token after that; one main forward over [token, draft] both verifies the draft and
-yields the following token, so an accepted draft produces two tokens per forward. With
-`draft_tokens` N > 1 the MTP module is chained on itself (its output hidden state and the
-embedding of its last draft give the next draft), and one forward over [token, N drafts]
-verifies them all. A module trained one step ahead only drafts the later tokens less
-well; one trained on the chain (the LM's `mtp_depths`, see `mm finetune --stage mtp`)
-sets the default N. The output is token-for-token that of plain greedy decoding either way.
+the token after that; the module chained on itself (its output hidden state and the
+embedding of its last draft) gives the drafts after it, up to `draft_tokens` (default: the
+chain the LM was trained on, its `mtp_depths`, see `mm finetune --stage mtp`) and only
+while each draft's probability reaches DRAFT_MIN_PROB. One main forward over
+[token, drafts] verifies them all and yields the token after the accepted ones, with the
+same rules plain greedy decoding applies one step at a time (the minimum length
+included), so the output is token-for-token that of plain greedy decoding.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 
 import lm
-from mm.confidence import chosen_logprob, confidence
+from mm.confidence import confidence
+from mm.sampling import Sampler, choose, make_rng, process
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,9 @@ class GenerationConfig:
         return self.draft_tokens or max(model.cfg.lm.mtp_depths, 1)
 
     def uses_speculation(self, model) -> bool:
+        """MTP speculation runs for greedy decoding without repetition penalty (the penalty
+        would change each drafted position's logits by the drafts before it) on a model with
+        an MTP module; every other option is honoured by the verification (mm.sampling.verify)."""
         return (self.speculative and self.num_beams == 1 and self.temperature == 0
                 and self.repetition_penalty == 1.0 and model.cfg.lm.num_nextn_predict_layers > 0)
 
@@ -189,235 +196,123 @@ class GenerationStats:
         return self.new_tokens / steps if self.new_tokens else None
 
 
-class Reference:
-    """Decoding through `Transformer.forward` and its cache `length` (the reference absorbed
-    path), with `lm.Decoder`'s interface: the oracle of the generation tests and the
-    baseline of the benchmarks. Writing at a position first crops the layer back to it."""
+# Kept for mm/engine.py until it takes these from mm.sampling; remove with that move.
+_process, _choose, _rng = process, choose, make_rng
 
-    compiled = False
-
-    def __init__(self, model: lm.Transformer):
-        self.lm = model
-
-    def embed(self, ids):
-        return self.lm.embed(ids)
-
-    def new_cache(self, batch_size, max_len):
-        return self.lm.new_cache(batch_size, max_len)
-
-    def forward(self, embeds, cache, positions, bound=None, last_only=False, compiled=True):
-        start = int(positions[0, 0])
-        for i in range(cache.n_main):
-            cache.layer(i).crop(start)
-        out = self.lm(inputs_embeds=embeds, cache=cache, return_hidden=True)
-        return lm.DecodeOutput(out.logits[:, -1:] if last_only else out.logits, out.hidden,
-                               out.expert_counts if out.expert_counts is not None
-                               else embeds.new_zeros(0, embeds.shape[0], 0))
-
-    __call__ = forward
-
-    def mtp_step(self, k, hidden_prev, embeds_ahead, cache, positions, bound=None, compiled=True):
-        cache.mtp_layer(k).crop(int(positions[0, 0]))
-        return self.lm.mtp_step(k, hidden_prev, embeds_ahead, cache=cache)
+DRAFT_MIN_PROB = 0.4  # the draft policy: the chain stops at a draft the MTP module gives less than this
 
 
 class _Session:
     """Shared plumbing: the prefill, steps at the rows' next position, and the expert-load tally.
 
     Rows share the prompt length (one task per call), so one position counter serves all;
-    positions come from one preallocated range and the expert load is summed on the device,
-    as are the log-probabilities of the tokens each row writes (its confidence).
+    the decoder's entry points choose the shapes (and the compiled graph) of each step.
     """
 
     def __init__(self, model, decoder, images, prefix_ids, max_len, stats):
         self.model, self.dec, self.stats = model, decoder, stats
         t0 = time.perf_counter()
         image_embeds, self.familiarity = model.encode(images)
-        embeds = model.embed(prefix_ids, image_embeds)
+        self.embeds = model.embed(prefix_ids, image_embeds)
         b, n = prefix_ids.shape
-        self.logprob = torch.zeros(b, device=prefix_ids.device)  # sum over each row's tokens
-        self.written = torch.zeros(b, device=prefix_ids.device)  # tokens counted in it
-        if decoder.compiled:  # a compiled step attends the whole buffer: sizes in
-            max_len = -(-max_len // 64) * 64     # steps of 64 let tasks and lengths share its graph
         self.cache = decoder.new_cache(b, max_len)
-        self.positions = torch.arange(self.cache.max_len, device=prefix_ids.device)
-        self.out = decoder(embeds, self.cache, self.positions[:n].expand(b, n), bound=n, last_only=True,
-                           compiled=False)
+        self.out = decoder.prefill(self.embeds, self.cache)
         self.pos = n  # the next position of every row
-        self.embeds = embeds
         self.load = self.out.counts.sum(1).double()
         stats.rows += b
         stats.prefill_s = time.perf_counter() - t0
 
     def step(self, ids: torch.Tensor, active: int | None = None):
         """Feed ids [B, n] at the next positions; returns their DecodeOutput. `active` rows are counted."""
-        b, n = ids.shape
-        self.out = self.dec(self.dec.embed(ids), self.cache, self.positions[self.pos:self.pos + n].expand(b, n),
-                            bound=self.bound(self.pos + n))
-        self.pos += n
-        self.stats.forwards += b if active is None else active
+        self.out = self.dec.step(ids, self.cache, self.pos)
+        self.pos += ids.shape[1]
+        self.stats.forwards += ids.shape[0] if active is None else active
         self.load += self.out.counts.sum(1)
         return self.out
 
-    def bound(self, end: int) -> int:
-        """Cache slots attended by a step whose last position is end - 1: exactly those, or the
-        whole buffer for a compiled step, whose shapes must not change as the sequence grows."""
-        return self.cache.max_len if self.dec.compiled else end
-
-    def score(self, logits: torch.Tensor, tokens: torch.Tensor, live: torch.Tensor | None = None):
-        """Count tokens [B] (or [B, n]) chosen from logits [B, V] ([B, n, V]) in each row's
-        confidence; `live` [B] masks rows that have ended."""
-        lp = chosen_logprob(logits, tokens)
-        if lp.dim() == 2:
-            lp, n = lp.sum(1), lp.shape[1]
-        else:
-            n = 1
-        if live is not None:
-            lp, n = lp * live, live * n
-        self.logprob += lp
-        self.written += n
-
-    def finish(self, mean_logprob: torch.Tensor | None = None):
-        """Record the expert load and each row's confidence (from `score`, or the given mean log-probs)."""
+    def finish(self, mean_logprob: torch.Tensor):
+        """Record the expert load and each row's confidence from its mean log-probability."""
         self.stats.expert_load = self.load.tolist()
-        if mean_logprob is None:
-            mean_logprob = self.logprob / self.written.clamp(min=1)
         self.stats.confidence = confidence(mean_logprob, self.familiarity).tolist()
 
 
-def _process(logits, generated, step, gen: GenerationConfig, eos_id):
-    """Apply repetition penalty and the min-length rule to next-token logits [B, V] (fp32)."""
-    logits = logits.float()
-    if gen.repetition_penalty != 1.0 and generated.shape[1]:
-        prev = logits.gather(1, generated)
-        prev = torch.where(prev > 0, prev / gen.repetition_penalty, prev * gen.repetition_penalty)
-        logits = logits.scatter(1, generated, prev)
-    if step < gen.min_new_tokens:
-        logits[:, eos_id] = float("-inf")
-    return logits
+class _Drafter:
+    """MTP self-speculation for one row: proposes a chain of drafts each round (the module
+    over the main model's last hidden state, then over its own), stopping at `depth` drafts
+    or after a draft whose probability is below DRAFT_MIN_PROB: the drafts after it are
+    unlikely to be accepted, and each chained step costs a fraction of a main forward."""
 
+    def __init__(self, session: _Session, first: int, depth: int):
+        self.s, self.dec, self.depth = session, session.dec, depth
+        # The first round covers the whole prefix: position i sees h_i and the embedding of token i+1.
+        self.hidden = session.out.hidden
+        self.ahead = torch.cat([session.embeds[:, 1:], self.dec.embed(self._ids([first]))], 1)
+        self.chained = 0
 
-MIN_TEMPERATURE = 1e-4  # below it logits / T can overflow to inf (nan probabilities); it samples the argmax anyway
+    def _ids(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor([tokens], device=self.s.embeds.device)
 
+    def propose(self) -> list[int]:
+        committed, drafts = self.s.pos, []  # main-model positions holding accepted tokens
+        d = self.dec.draft(self.hidden, self.ahead, self.s.cache, committed - self.hidden.shape[1])
+        self.chained = 0
+        while True:  # the first draft always: verifying two tokens costs little more than one
+            drafts.append(int(d.tokens[0]))
+            if len(drafts) == self.depth or float(d.probs[0]) < DRAFT_MIN_PROB:
+                break
+            d = self.dec.draft(d.hidden[:, -1:], self._ids(drafts[-1:]), self.s.cache, committed + self.chained)
+            self.chained += 1
+        return drafts
 
-def _choose(logits, gen: GenerationConfig, rng):
-    if gen.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / max(gen.temperature, MIN_TEMPERATURE)
-    if gen.top_k:
-        kth = logits.topk(min(gen.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if gen.top_p < 1.0:
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= gen.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=rng).squeeze(1)
-
-
-def _rng(gen, device):
-    if gen.temperature == 0:
-        return None
-    g = torch.Generator(device=device)
-    g.manual_seed(gen.seed if gen.seed is not None else torch.seed())
-    return g
+    def keep(self, out, new: list[int], accepted: int) -> None:
+        """After a verification: the main model keeps the last token and the accepted drafts.
+        Chain step j left the MTP cache entry of position committed + j, built from drafts[j];
+        those whose draft was accepted hold the right token and stay (their hidden input was
+        the module's own, not the main model's: only later drafts can differ, never the
+        output). The rest are recomputed from the main model's hidden states next round."""
+        keep = min(accepted, self.chained, len(new) - 1)
+        self.s.pos -= out.logits.shape[1] - accepted - 1
+        self.ahead, self.hidden = self._ids(new[keep:]), out.hidden[:, keep:len(new)]
 
 
 def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
                   stats: GenerationStats, decoder=None) -> Iterator[list[list[int]]]:
     """Yield, step by step, the new token ids of each row (empty once a row has ended).
 
-    `decoder`: an `lm.Decoder` of model.lm (built here when None) or a `Reference`.
-    The tokens leaving the device are the only host synchronisation of a step.
+    One loop for plain and speculative decoding: a speculative step feeds the last token
+    with the drafts proposed for after it, and keeps the ones the sampler accepts (greedy,
+    so the tokens are plain greedy's). `decoder`: an `lm.Decoder` of model.lm (built here
+    when None) or an `lm.Reference`. The tokens leaving the device are a step's host sync.
     """
     decoder = decoder if decoder is not None else lm.Decoder(model.lm)
-    if gen.uses_speculation(model):
-        if images.shape[0] != 1:
-            raise ValueError("speculative streaming takes one image at a time")
-        yield from _speculative(model, decoder, images, prefix_ids, gen, eos_id, stats)
-        return
-    B = prefix_ids.shape[0]
-    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens, stats)
-    rng = _rng(gen, prefix_ids.device)
-    generated = prefix_ids.new_zeros(B, 0)
-    done = torch.zeros(B, dtype=torch.bool, device=prefix_ids.device)
-    ended = [False] * B
+    speculative = gen.uses_speculation(model)
+    if speculative and images.shape[0] != 1:
+        raise ValueError("speculative streaming takes one image at a time")
+    depth = gen.drafts(model) if speculative else 0
+    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + depth + 1, stats)
+    sampler = Sampler(gen, eos_id, prefix_ids.shape[0], prefix_ids.device)
     t0 = time.perf_counter()
-    for step in range(gen.max_new_tokens):
-        logits = s.out.logits[:, -1]
-        nxt = _choose(_process(logits, generated, step, gen, eos_id), gen, rng)
-        nxt = torch.where(done, eos_id, nxt)
-        s.score(logits, nxt, ~done)
-        toks = nxt.tolist()
-        yield [[] if e else [t] for e, t in zip(ended, toks)]
-        stats.new_tokens += ended.count(False)
-        ended = [e or t == eos_id for e, t in zip(ended, toks)]
-        if all(ended) or step == gen.max_new_tokens - 1:
+    fed, new = sampler.next(s.out.logits[:, -1])
+    drafter = _Drafter(s, new[0][0], depth) if speculative else None
+    stats.speculative = speculative
+    while True:
+        yield new
+        stats.new_tokens += sum(map(len, new))
+        if sampler.finished:
             break
-        generated = torch.cat([generated, nxt[:, None]], 1)
-        done |= nxt == eos_id
-        s.step(nxt[:, None], active=ended.count(False))
+        if drafter is None:
+            out = s.step(fed[:, None], active=sampler.ended.count(False))
+            fed, new = sampler.next(out.logits[:, -1])
+            continue
+        drafts = drafter.propose()
+        out = s.step(prefix_ids.new_tensor([new[0][-1:] + drafts]))
+        kept, accepted = sampler.accept(out.logits, drafts)
+        drafter.keep(out, kept, accepted)
+        stats.drafts += len(drafts)
+        stats.accepted += accepted
+        new = [kept]
     stats.decode_s = time.perf_counter() - t0
-    s.finish()
-
-
-def _speculative(model, decoder, images, prefix_ids, gen, eos_id, stats):
-    stats.speculative = True
-    k = gen.drafts(model)
-    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + k + 1, stats)
-    t0 = time.perf_counter()
-    tok = int(s.out.logits[0, -1].argmax())
-    s.score(s.out.logits[:, -1], prefix_ids.new_tensor([tok]))
-    produced = 1
-    yield [[tok]]
-    pos = s.positions[None]
-
-    def draft(hidden, ahead, start, compiled=True):  # MTP positions start .. start + n - 1
-        end = start + hidden.shape[1]
-        return decoder.mtp_step(1, hidden, ahead, s.cache, pos[:, start:end], bound=s.bound(end),
-                                compiled=compiled)
-
-    # The MTP module over the whole prefix: position i sees h_i and the embedding of token i+1.
-    new, hidden = [tok], s.out.hidden
-    ahead = torch.cat([s.embeds[:, 1:], decoder.embed(prefix_ids.new_tensor([new]))], 1)
-    first = True
-    while tok != eos_id and produced < gen.max_new_tokens:
-        committed = s.pos  # main-model positions holding accepted tokens; `tok` goes next
-        # (re)compute the MTP positions whose inputs `hidden` holds; the first, over the
-        # prefix, has a shape of its own and stays eager under compilation
-        logits, h = draft(hidden, ahead, committed - hidden.shape[1], compiled=not first)
-        first = False
-        drafts = [int(logits[0, -1].argmax())]
-        for j in range(k - 1):  # chained drafts: the MTP module reads its own last hidden state
-            logits, h = draft(h[:, -1:], decoder.embed(prefix_ids.new_tensor([drafts[-1:]])), committed + j)
-            drafts.append(int(logits[0, -1].argmax()))
-        out = s.step(prefix_ids.new_tensor([[tok] + drafts]))
-        best = out.logits[0].argmax(-1).tolist()
-        accepted = 0
-        while accepted < k and drafts[accepted] == best[accepted]:
-            accepted += 1
-        new = drafts[:accepted] + [best[accepted]]
-        s.pos = committed + accepted + 1  # the main model keeps tok and the accepted drafts
-        if eos_id in new:
-            new = new[: new.index(eos_id) + 1]
-        new = new[: gen.max_new_tokens - produced]
-        s.score(out.logits[:, : len(new)], prefix_ids.new_tensor([new]))  # new[i] was read at logits i
-        stats.drafts += k
-        stats.accepted += min(accepted, len(new))  # drafts past <eos> or the length limit do not count
-        produced += len(new)
-        tok = new[-1]
-        yield [new]
-        # The chain left MTP cache entries for positions committed .. committed + k - 2, built
-        # from drafts d1 .. d(k-1); those whose draft was accepted hold the right token and
-        # stay (their hidden input was the MTP's own, not the main model's: only the next
-        # drafts can differ, never the output). The rest are recomputed from the main model.
-        keep = min(accepted, k - 1, len(new) - 1)
-        ahead = decoder.embed(prefix_ids.new_tensor([new[keep:]]))
-        hidden = out.hidden[:, keep: len(new)]
-    stats.new_tokens += produced
-    stats.decode_s = time.perf_counter() - t0
-    s.finish()
+    s.finish(sampler.mean_logprob())
 
 
 def beam_search(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
@@ -434,7 +329,7 @@ def beam_search(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
     seqs = prefix_ids.new_zeros(B * K, 0)
     lengths = torch.zeros(B * K, device=logits.device)
     for step in range(gen.max_new_tokens):
-        logp = _process(logits, seqs, step, gen, eos_id).log_softmax(-1)
+        logp = process(logits, seqs, step, gen, eos_id).log_softmax(-1)
         ended = seqs[:, -1] == eos_id if seqs.shape[1] else torch.zeros_like(lengths, dtype=torch.bool)
         logp[ended] = float("-inf")
         logp[ended, eos_id] = 0.0

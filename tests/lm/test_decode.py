@@ -152,3 +152,30 @@ def test_long_prefill_takes_the_expanded_path_with_the_same_numbers(random_model
         ref_logits, _ = _reference_steps(model, ids, prefill=30)
         logits, _, _ = _decoder_steps(dec, ids, prefill=30)
     assert (logits - ref_logits).abs().max() < 1e-4
+
+
+def test_entry_points_own_the_compiled_shapes(random_model):
+    """Under the compile policy (here without compiling: the same shapes, eager) caches round
+    up to 64 slots and steps pad rows and tokens to powers of two; the real rows' logits,
+    hidden states and routing counts are the unpadded step's. draft() proposes the argmax
+    of mtp_step's logits at the last position."""
+    model = random_model(q_lora_rank=16, num_nextn_predict_layers=1)
+    plain, policy = lm.Decoder(model), lm.Decoder(model)
+    policy.compiled = True
+    ids = torch.randint(0, model.cfg.vocab_size, (3, 9))
+    with torch.no_grad():
+        outs = []
+        for dec, rows in ((plain, 3), (policy, 4)):
+            cache = dec.new_cache(rows, 20)
+            assert cache.max_len == (64 if dec is policy else 20)
+            first = dec.prefill(dec.embed(ids[:, :6]), cache.rows(3))
+            assert first.logits.shape[1] == 1
+            outs.append(dec.step(ids[:, 6:], cache, 6))  # 3 rows, 3 tokens: padded to 4 and 4
+        a, b = outs
+        assert a.logits.shape == b.logits.shape == (3, 3, model.cfg.vocab_size)
+        assert (a.logits - b.logits).abs().max() < 1e-4 and (a.hidden - b.hidden).abs().max() < 1e-4
+        assert torch.equal(a.counts, b.counts)
+        d = plain.draft(a.hidden, ids[:, 6:], plain.new_cache(3, 20), 6)
+        logits, h = plain.mtp_step(1, a.hidden, plain.embed(ids[:, 6:]), plain.new_cache(3, 20),
+                                   torch.arange(6, 9).expand(3, 3))
+    assert torch.equal(d.tokens, logits[:, -1].argmax(-1)) and (d.hidden - h).abs().max() < 1e-5

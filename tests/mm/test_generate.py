@@ -154,8 +154,8 @@ def test_chained_drafts_on_the_bundled_model_are_exact_and_mostly_accepted():
 def test_fast_decoder_gives_the_reference_tokens_on_the_bundled_model(dtype):
     """lm.Decoder (fused weights, one-buffer cache, experts by views) decodes the bundled model
     token for token as the reference path through Transformer.forward, batched and speculative."""
+    from lm import Reference
     from mm.captioner import Captioner
-    from mm.generate import Reference
 
     cap = Captioner.from_pretrained(None, device="cpu", dtype=dtype)
     images = [render(sample_scene(sample_rng("test", 6, i))) for i in range(4)]
@@ -172,3 +172,54 @@ def test_fast_decoder_gives_the_reference_tokens_on_the_bundled_model(dtype):
         else:  # bf16 rounds the two paths' sums differently: a near-tie in routing may flip
             a, b = torch.tensor(got.stats.expert_load), torch.tensor(want.stats.expert_load)
             assert a.sum() == b.sum() and (a - b).abs().sum() <= 0.02 * b.sum(), (task, options)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from mm.captioner import Captioner
+
+    return Captioner.from_pretrained(None, device="cpu")
+
+
+def test_speculation_honours_min_new_tokens(bundled):
+    """min_new_tokens holds with speculation as without it (the drafts' verification once took
+    the argmax of the raw logits, so a caption ended before the minimum)."""
+    image = render(sample_scene(sample_rng("test", 9, 0)))
+    short = bundled.run(image, task="caption")
+    assert short.stats.new_tokens < 30  # the minimum below changes this caption
+    plain = bundled.run(image, task="caption", min_new_tokens=30)
+    spec = bundled.run(image, task="caption", min_new_tokens=30, speculative=True)
+    assert spec.stats.speculative and plain.stats.new_tokens >= 30
+    assert spec.texts == plain.texts and spec.stats.new_tokens == plain.stats.new_tokens
+
+
+def test_speculation_equals_plain_greedy_across_options(bundled):
+    """Random greedy options, speculative on and off: the same tokens, the same confidence."""
+    import random
+
+    rnd = random.Random(25)
+    images = [render(sample_scene(sample_rng("test", 10, i))) for i in range(2)]
+    for _ in range(4):
+        max_new = rnd.choice([1, 5, 24, 48])
+        options = dict(task=rnd.choice(bundled.tasks), max_new_tokens=max_new,
+                       min_new_tokens=rnd.randint(0, max_new), draft_tokens=rnd.choice([None, 1, 2, 6]),
+                       repetition_penalty=rnd.choice([1.0, 1.0, 1.3]))
+        plain = bundled.run(images, **options)
+        spec = bundled.run(images, speculative=True, **options)
+        assert spec.texts == plain.texts, options
+        assert spec.stats.new_tokens == plain.stats.new_tokens, options
+        assert spec.confidence == pytest.approx(plain.confidence, abs=1e-4), options
+        assert spec.stats.speculative == (options["repetition_penalty"] == 1.0), options
+
+
+@pytest.mark.slow
+def test_compiled_speculation_equals_plain_greedy():
+    """compile=True compiles the draft step with the main one; outputs stay plain greedy's."""
+    from mm.captioner import Captioner
+
+    cap = Captioner.from_pretrained(None, device="cpu", compile=True)
+    images = [render(sample_scene(sample_rng("test", 11, i))) for i in range(3)]
+    for task in ("caption", "describe"):
+        plain = cap.run(images, task=task, min_new_tokens=3)
+        spec = cap.run(images, task=task, min_new_tokens=3, speculative=True)
+        assert spec.texts == plain.texts and spec.stats.speculative and spec.stats.acceptance > 0.5

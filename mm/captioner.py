@@ -109,13 +109,6 @@ class Captioner:
         ids = self.tokenizer.build_prompt(prompt, self.model.num_image_tokens)
         return torch.tensor([ids] * n, device=self.device)
 
-    # Kept for mm/engine.py until it calls the public names above; remove with that move.
-    def _gen_config(self, options: dict) -> GenerationConfig:
-        return self.generation_config(**options)
-
-    def _prefix(self, task: str, n: int) -> torch.Tensor:
-        return self.prefix(task, n)
-
     def _pixels(self, images) -> torch.Tensor:
         param = next(self.model.parameters())
         # A tensor is taken as already through `self.transform` (bulk captioning decodes elsewhere).

@@ -45,7 +45,8 @@ import torch
 
 from mm.captioner import Captioner, CaptionText
 from mm.confidence import chosen_logprob, confidence
-from mm.generate import GenerationConfig, GenerationStats, _choose, _process, _rng, generate, stream_tokens
+from mm.generate import GenerationConfig, GenerationStats, generate, stream_tokens
+from mm.sampling import choose, is_plain_greedy, make_rng, process
 from vision.preprocess import load_image
 
 
@@ -162,7 +163,7 @@ class _Row:
         self.req, self.pos = req, pos  # pos: where the next token goes
         self.familiarity, self.logprob = familiarity, 0.0  # for its confidence (mm/confidence.py)
         self.gen = req.gen
-        self.rng = _rng(req.gen, load.device)
+        self.rng = make_rng(req.gen, load.device)
         self.tokens: list[int] = []
         self.text = CaptionText(tokenizer)
         self.load = load  # [moe layers, E] on the device
@@ -171,8 +172,7 @@ class _Row:
 
     @property
     def plain_greedy(self) -> bool:
-        g = self.gen
-        return g.temperature == 0 and g.repetition_penalty == 1.0 and g.min_new_tokens <= len(self.tokens)
+        return is_plain_greedy(self.gen, len(self.tokens))
 
 
 class Engine:
@@ -187,7 +187,7 @@ class Engine:
         self.cap, self.model, self.dec = captioner, captioner.model, captioner.decoder
         self.tok = captioner.tokenizer
         self.max_batch, self.max_new_tokens = max_batch, max_new_tokens
-        self.prefix = {t: captioner._prefix(t, 1)[0] for t in captioner.tasks}
+        self.prefix = {t: captioner.prefix(t)[0] for t in captioner.tasks}
         longest = max(len(p) for p in self.prefix.values())
         self.cache = self.dec.new_cache(max_batch, longest + max_new_tokens)
         self.rows: list[_Row] = []
@@ -206,7 +206,7 @@ class Engine:
         """Queue one image; bad options, task or image raise here, on the caller's thread."""
         if self._stop.is_set():
             raise EngineClosed(self._stopped_by)
-        gen = self.cap._gen_config(options)
+        gen = self.cap.generation_config(**options)
         if gen.max_new_tokens > self.max_new_tokens:
             raise ValueError(f"max_new_tokens must be at most {self.max_new_tokens} here, got {gen.max_new_tokens}")
         self.model.cfg.prompt(task)  # an unknown task names the known ones
@@ -335,8 +335,7 @@ class Engine:
         embeds = self.model.embed(prefix, image_embeds)
         scratch = self.dec.new_cache(m, n)
         real = torch.arange(n, device=dev) < torch.tensor(lengths, device=dev)[:, None]  # [m, n]
-        out = self.dec(embeds, scratch, torch.arange(n, device=dev).expand(m, n), bound=n, compiled=False,
-                       valid=real)
+        out = self.dec.prefill(embeds, scratch, valid=real, last_only=False)
         first = len(self.rows)
         self.cache.copy_rows(torch.arange(first, first + m, device=dev), scratch, torch.arange(m, device=dev), n)
         last = torch.tensor(lengths, device=dev) - 1
@@ -348,19 +347,12 @@ class Engine:
         self._choose_and_emit(self.rows[first:], logits)
 
     def _step(self) -> None:
-        n = len(self.rows)
         dev = self.cache.layers[0].buf.device
-        ids, positions = [r.tokens[-1] for r in self.rows], [r.pos for r in self.rows]
-        if self.dec.compiled:  # batch sizes in powers of two: a handful of graphs, not one per size
-            m = min(1 << (n - 1).bit_length(), self.max_batch)
-            ids += [self.tok.eos_id] * (m - n)  # idle rows write slot 0 of free rows: admission overwrites it
-            positions += [0] * (m - n)
-            bound = self.cache.max_len
-        else:
-            m, bound = n, max(positions) + 1
-        ids = torch.tensor(ids, device=dev)[:, None]
-        positions = torch.tensor(positions, device=dev)[:, None]
-        out = self.dec(self.dec.embed(ids), self.cache.rows(m), positions, bound=bound)
+        ids = torch.tensor([r.tokens[-1] for r in self.rows], device=dev)[:, None]
+        positions = torch.tensor([r.pos for r in self.rows], device=dev)[:, None]
+        # the decoder pads a compiled step's batch to a power of two with the cache's spare rows
+        # (their slot 0, which admission overwrites), so a handful of graphs serve every size
+        out = self.dec.step(ids, self.cache, positions)
         for i, row in enumerate(self.rows):
             row.pos += 1
             row.load += out.counts[:, i]
@@ -377,8 +369,8 @@ class Engine:
             for i in special:
                 r = rows[i]
                 generated = torch.tensor([r.tokens], dtype=torch.long, device=logits.device).view(1, -1)
-                scores = _process(logits[i:i + 1], generated, len(r.tokens), r.gen, eos)
-                chosen[i] = _choose(scores, r.gen, r.rng)[0]
+                scores = process(logits[i:i + 1], generated, len(r.tokens), r.gen, eos)
+                chosen[i] = choose(scores, r.gen, r.rng)[0]
         finished = []
         logprob = chosen_logprob(logits, chosen).double()
         for row, (tok, lp) in zip(rows, torch.stack([chosen.double(), logprob], 1).tolist()):  # the one sync

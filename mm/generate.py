@@ -29,7 +29,7 @@ import torch
 
 import lm
 from mm.confidence import confidence
-from mm.sampling import Sampler, choose, make_rng, process
+from mm.sampling import Sampler, process
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,6 @@ class GenerationStats:
         steps = self.forwards + self.rows  # each prefill yields a sequence's first token
         return self.new_tokens / steps if self.new_tokens else None
 
-
-# Kept for mm/engine.py until it takes these from mm.sampling; remove with that move.
-_process, _choose, _rng = process, choose, make_rng
 
 DRAFT_MIN_PROB = 0.4  # the draft policy: the chain stops at a draft the MTP module gives less than this
 

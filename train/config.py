@@ -275,9 +275,6 @@ def check_expert_parallel(cfg: TrainConfig) -> None:
         raise ConfigError(f"expert_parallel={n} does not divide model.lm.n_routed_experts="
                           f"{lm.n_routed_experts}; choose a divisor of it")
     refused = [
-        (cfg.pipeline.stages > 1, "pipeline.stages > 1: EP inside each stage's data-parallel group needs the "
-         "pipeline's own gradient averaging, clipping and by-name checkpoint gather to know the expert "
-         "groups, and the split backward of zbv/dualpipev to run the all-to-alls in step; not supported yet"),
         (cfg.compile, "compile=true: the dispatch's split sizes come from the routing of each batch (host "
          "values), which break the compiled graph; not supported yet"),
     ]

@@ -46,8 +46,8 @@ class TrainingStopped(RuntimeError):
 
 
 def parallelize(model: CaptionModel, cfg: TrainConfig, info: D.DistInfo):
-    """The parallelism that runs `model`: pipeline x data parallel, expert x data parallel, or data
-    parallel (DDP/FSDP2, or none)."""
+    """The parallelism that runs `model`: pipeline x data parallel (with expert parallelism inside each
+    stage's replicas when asked), expert x data parallel, or data parallel (DDP/FSDP2, or none)."""
     if cfg.pipeline.stages > 1:
         from train.parallel.pipeline import PipelineParallel, make_grid
 

@@ -5,6 +5,9 @@ Layout (torchtitan's and DeepSpeed's): EP groups are N consecutive ranks (one no
 N <= GPUs per node, so the all-to-all stays on NVLink); EP rank r holds experts
 [r E/N, (r+1) E/N) of every MoE layer. The ranks that hold the same experts (rank % N equal)
 form the expert's replica group, world / N of them, over which its gradients are averaged.
+Under a pipeline the same grid is carved out of each stage's data-parallel ranks (world =
+stages x dp, rank = pp_rank * dp + dp_rank, train/parallel/pipeline.py): the ranks of an EP group
+run the same stages under the same schedule, so they issue the same all-to-alls in the same order.
 
 One dispatch (`Dispatch.__call__`), after the unchanged router:
 1. each token is sent *once* to every rank that holds at least one of its top-k experts, with
@@ -40,33 +43,52 @@ from train.parallel.dist import DistInfo
 
 @dataclass
 class ExpertGroups:
-    """This rank's place in the (replica, ep) grid: rank = replica * ep_size + ep_rank."""
+    """This rank's place in its stage's (replica, ep) grid: dp_rank = replica * ep_size + ep_rank."""
 
     ep_size: int
     ep_rank: int
-    replicas: int  # world / ep_size ranks hold each expert
+    replicas: int  # dp / ep_size ranks of the stage hold each expert
     ep_group: dist.ProcessGroup | None
     replica_group: dist.ProcessGroup | None
+    replica: int = 0  # which of them this rank is
+
+    @property
+    def dp_size(self) -> int:
+        return self.replicas * self.ep_size
 
     def owned(self, n_experts: int) -> slice:
         per = n_experts // self.ep_size
         return slice(self.ep_rank * per, (self.ep_rank + 1) * per)
 
 
-def make_expert_groups(info: DistInfo, ep_size: int) -> ExpertGroups:
-    """Process groups of EP degree `ep_size` (every rank must call it: new_group is collective)."""
-    replicas = info.world_size // ep_size
-    ep_group = replica_group = None
+def expert_group_ranks(world: int, ep_size: int, stages: int = 1) -> tuple[list[list[int]], list[list[int]]]:
+    """Global ranks of every EP group and every replica group, stage by stage: world = stages x dp,
+    rank = pp_rank * dp + dp_rank (pipeline.make_grid's layout; stages = 1 without a pipeline)."""
+    dp = world // stages
+    ep_groups, replica_groups = [], []
+    for base in range(0, world, dp):
+        ep_groups += [[base + r * ep_size + e for e in range(ep_size)] for r in range(dp // ep_size)]
+        replica_groups += [[base + r * ep_size + e for r in range(dp // ep_size)] for e in range(ep_size)]
+    return ep_groups, replica_groups
+
+
+def make_expert_groups(info: DistInfo, ep_size: int, stages: int = 1) -> ExpertGroups:
+    """Process groups of EP degree `ep_size` within each stage's data-parallel ranks (every rank must
+    call it: new_group is collective, so every rank creates every group, in the same order)."""
+    ep_ranks, replica_ranks = expert_group_ranks(info.world_size, ep_size, stages)
     # Plain new_group rather than a DeviceMesh, as train/parallel/pipeline.py explains.
-    for r in range(replicas):
-        group = dist.new_group([r * ep_size + e for e in range(ep_size)])
-        if info.rank // ep_size == r:
+    ep_group = replica_group = None
+    for ranks in ep_ranks:
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
             ep_group = group
-    for e in range(ep_size):
-        group = dist.new_group([r * ep_size + e for r in range(replicas)])
-        if info.rank % ep_size == e:
+    for ranks in replica_ranks:
+        group = dist.new_group(ranks)
+        if info.rank in ranks:
             replica_group = group
-    return ExpertGroups(ep_size, info.rank % ep_size, replicas, ep_group, replica_group)
+    dp = info.world_size // stages
+    replica, ep_rank = divmod(info.rank % dp, ep_size)
+    return ExpertGroups(ep_size, ep_rank, dp // ep_size, ep_group, replica_group, replica)
 
 
 def send_plan(idx: torch.Tensor, per_rank: int, ranks: int):

@@ -17,11 +17,20 @@ summed over its dp group. Checkpoints are ordinary training checkpoints: rank 0 
 the weights and the optimiser state by parameter name, so a pipelined run resumes
 from, and is resumed by, an unpipelined one (with any pipeline layout).
 
+Expert parallelism (`expert_parallel: N`) runs inside each stage's dp group
+(train/parallel/expert_parallel.py): the routed experts split over N of its ranks, their
+gradients averaged over the stage's ranks that hold the same experts, their squared norms
+summed over the EP group before the pp group, and the checkpoint gather takes them from the
+first replica's EP group. The ranks of an EP group sit at the same pipeline position, so they
+run the same schedule and issue the same all-to-alls in the same order, whichever half of a
+split backward (zbv, dualpipev) the all-to-all's backward lands in: the input half on later
+stages, the weight half on stage 0, where the schedule runs the whole backward.
+
 Every rank builds the whole model from the same seed and keeps its stages; a model
 that does not fit one host's memory would need meta-device construction instead.
 Shapes: a stage's receive buffers are sized on its first microbatch, so a schedule is
 built per (microbatch size, sequence length); fixed `data.pad_to` lengths keep that to
-one per task.
+one per task (under expert parallelism a new shape on any rank rebuilds every rank's schedule).
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from train.config import TrainConfig
 from train.optim import param_groups
 from train.parallel import gather as G
 from train.parallel.dist import DistInfo
+from train.parallel.expert_dispatch import make_expert_groups
+from train.parallel.expert_parallel import ExpertShards, any_rank, describe_experts
 from train.parallel.router import balance_routers
 from train.parallel.stages import (
     SCHEDULES,
@@ -112,12 +123,18 @@ class PipelineParallel:
             raise ValueError("pipeline parallelism needs untied embeddings (the head lives on the last stage, "
                              "the embedding on the first); set model.lm.tie_word_embeddings=false")
         self.cfg, self.grid, self.info, self.model_cfg = cfg, grid, grid.info, model.cfg
+        self.experts = None
+        if cfg.expert_parallel > 1:
+            groups = make_expert_groups(grid.info, cfg.expert_parallel, grid.pp_size)
+            self.experts = ExpertShards(model, groups)  # before the stages: they hold the sharded layers
         self.data_info, self.dp_size = grid.data_info, grid.dp_size
         ranges = split_layers(lm_cfg.num_hidden_layers, grid.pp_size, pc.schedule)
         self.num_stages, self.stage_ids = len(ranges), rank_stages(pc.schedule, grid.pp_rank, grid.pp_size)
         self.stages = [Stage(model, ranges[i], i == 0, i == self.num_stages - 1, cfg.autocast_dtype)
                        for i in self.stage_ids]
         self.parts = RankParts(model, self.stages, [j for i in self.stage_ids for j in ranges[i]])
+        if self.experts:
+            self.experts.hold(self.parts)
         self.loss = MicrobatchLoss(lm_cfg)
         # The full model's optimiser layout and MoE order, by name: checkpoints store both.
         name_of = {id(p): n for n, p in model.named_parameters()}
@@ -128,15 +145,24 @@ class PipelineParallel:
         self._schedules = {}
 
     def describe(self) -> str:
-        return (f"pipeline: {self.grid.pp_size} ranks x {self.dp_size} replicas, {self.cfg.pipeline.schedule}, "
+        text = (f"pipeline: {self.grid.pp_size} ranks x {self.dp_size} replicas, {self.cfg.pipeline.schedule}, "
                 f"{self.cfg.pipeline.microbatches} microbatches; this rank runs stages {self.stage_ids}")
+        if self.experts:
+            text += f"; {describe_experts(self.experts)} (within each stage's replicas)"
+        return text
 
     def train(self, mode: bool = True) -> None:
         self.parts.train(mode)
 
     def schedule(self, key: tuple):
         """The schedule for one microbatch shape (built on first use, on every pp rank alike)."""
-        if key not in self._schedules:
+        new = key not in self._schedules
+        if self.experts:
+            # A new schedule infers its stages' shapes by a real forward and backward, all-to-alls
+            # included; the replicas of an EP group read batches of other shapes, so when one rank
+            # needs a new schedule every rank builds one for its shape, and the all-to-alls pair up.
+            new = any_rank(new, self.info.device)
+        if new:
             if len(self._schedules) == 8:
                 warnings.warn("pipeline: more than 8 batch shapes so far, each with its own schedule and buffers; "
                               "set data.pad_to to fixed lengths per task", stacklevel=2)
@@ -171,13 +197,21 @@ class PipelineParallel:
         return self.loss.totals(n) if self.last else torch.zeros(4, device=device)
 
     def stop_together(self, done: bool) -> bool:
-        """Whether a loop over batches ends here: a pipeline's ranks read the same batches, so agree."""
+        """Whether a loop over batches ends here: a pipeline's ranks read the same batches, so agree;
+        with expert parallelism the replicas of an EP group read different ones, so all ranks agree."""
+        if self.experts:
+            return any_rank(done, self.info.device)
         return done
 
     def clip_grads(self, max_norm: float) -> float:
-        """Average gradients over the dp group, clip by the norm over every stage; returns that norm."""
+        """Average gradients over the dp group (experts: over their replica group), clip by the norm
+        over every stage; returns that norm."""
+        own = set()
+        if self.experts:
+            self.experts.reduce_grads()
+            own = {id(p) for p in self.experts.params}
         params = [p for p in self.parts.parameters() if p.grad is not None]
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in params if id(p) not in own]
         if self.grid.dp_size > 1 and grads:
             flat = torch._utils._flatten_dense_tensors(grads)
             dist.all_reduce(flat, group=self.grid.dp_group)
@@ -186,10 +220,12 @@ class PipelineParallel:
                 g.copy_(r)
         local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.info.device)
         squared = local.double().square().reshape(1)
+        if self.experts:
+            squared += self.experts.norm_squared(self.info.device).double()
         dist.all_reduce(squared, group=self.grid.pp_group)
         total = squared.sqrt()[0]
         if max_norm > 0 and params:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(grads[0].dtype))
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.dtype))
         return float(total)
 
     def balance_routers(self) -> tuple[torch.Tensor | None, list[float]]:
@@ -209,9 +245,14 @@ class PipelineParallel:
         """(weights, optimiser state, scheduler state) of the whole model on rank 0, as an unpipelined
         run would have them; None on the other ranks."""
         grid = self.grid
+        experts = self.experts.gather(opt) if self.experts else {}  # from the first replica's EP group
         if grid.dp_rank == 0:
             mine = {"weights": {k: v.detach().cpu() for k, v in self.parts.state_dict().items()},
                     "optim": G.named_optim_state(opt, self.parts), "sched": sched.state_dict()}
+            for name, (weight, moments) in experts.items():
+                mine["weights"][name] = weight
+                if name in mine["optim"]["state"]:
+                    mine["optim"]["state"][name] = {**mine["optim"]["state"][name], **moments}
             pieces = [None] * grid.pp_size if grid.info.is_main else None
             dist.gather_object(mine, pieces, group=grid.pp_group, group_dst=0)
         if not grid.info.is_main:
@@ -222,9 +263,14 @@ class PipelineParallel:
 
     def load_state(self, weights: dict, blob: dict, opt, sched, path: Path) -> None:
         """This rank's weights and optimiser share, and the scheduler, from a whole-model checkpoint."""
+        saved = blob["optimizer"]
+        if self.experts:
+            flat = [n for names in self.full_groups for n in names]
+            weights, state = self.experts.slice_state(weights, saved["state"], dict(enumerate(flat)), path)
+            saved = dict(saved, state=state)
         own = self.parts.state_dict()
         load_state_strict(self.parts, {k: v for k, v in weights.items() if k in own}, str(path / "model.safetensors"))
-        G.load_optim_state(opt, self.parts, blob["optimizer"], self.full_groups, str(path / STATE_FILE))
+        G.load_optim_state(opt, self.parts, saved, self.full_groups, str(path / STATE_FILE))
         G.load_sched_state(sched, opt, self.parts, blob["scheduler"], self.full_groups)
 
     def full_model(self, checkpoint) -> CaptionModel:

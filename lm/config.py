@@ -73,6 +73,11 @@ def _check_value(owner: str, key: str, hint: Any, value: Any) -> Any:
         return dict(value)
     if hint is Any:
         return value
+    return _check_scalar(owner, key, hint, value)
+
+
+def _check_scalar(owner: str, key: str, hint: Any, value: Any) -> Any:
+    """A bool, int, float (finite) or str field's value, strictly typed; other hints pass it through."""
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{owner}.{key}: expected true/false, got {value!r}")

@@ -16,7 +16,6 @@ import json
 import socket
 import struct
 import threading
-import time
 import zlib
 from pathlib import Path
 
@@ -428,22 +427,10 @@ def test_eps_bytes_sent_as_png_never_reach_ghostscript(tiny, monkeypatch, tmp_pa
 def test_openai_hang_up_through_the_page_server_cancels_the_request(tiny, files, monkeypatch):
     """The same check as tests/test_server_abuse.py's, on the app as served (Gradio's middleware
     in front of the route): a non-streaming client that leaves cancels its request."""
-    from tests.test_server_abuse import _captured_requests
+    from tests.test_server_abuse import hang_up_cancels
 
     engine, port = tiny[3], int(tiny[2].rstrip("/").rsplit(":", 1)[1])
-    taken = _captured_requests(engine, monkeypatch)
-    body = json.dumps(chat("caption", data_url(files["scene"]), max_tokens=200)).encode()
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-        deadline = time.monotonic() + 20
-        while not taken and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert taken and not taken[0].cancelled
-    deadline = time.monotonic() + 5
-    while not taken[0].cancelled and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert taken[0].cancelled
+    hang_up_cancels(engine, port, chat("caption", data_url(files["scene"]), max_tokens=200), monkeypatch)
 
 
 def test_batch_tables_never_hold_nan(tiny, files, monkeypatch):

@@ -270,12 +270,11 @@ def _captured_requests(engine, monkeypatch) -> list:
     return taken
 
 
-@pytest.mark.parametrize("stream", [False, True])
-def test_a_client_that_hangs_up_cancels_its_request(served, monkeypatch, stream):
-    client, engine = served
+def hang_up_cancels(engine, port: int, body: dict, monkeypatch) -> None:
+    """Send `body` to the route on `port`, hang up once the engine has the request, and check
+    that the request is cancelled."""
     taken = _captured_requests(engine, monkeypatch)
-    body = json.dumps(chat(max_tokens=200, stream=stream)).encode()
-    port = int(str(client.base_url).rsplit(":", 1)[1].rstrip("/"))
+    body = json.dumps(body).encode()
     with socket.create_connection(("127.0.0.1", port)) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -287,6 +286,13 @@ def test_a_client_that_hangs_up_cancels_its_request(served, monkeypatch, stream)
     while not taken[0].cancelled and time.monotonic() < deadline:
         time.sleep(0.02)
     assert taken[0].cancelled
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_hangs_up_cancels_its_request(served, monkeypatch, stream):
+    client, engine = served
+    port = int(str(client.base_url).rsplit(":", 1)[1].rstrip("/"))
+    hang_up_cancels(engine, port, chat(max_tokens=200, stream=stream), monkeypatch)
 
 
 @pytest.mark.parametrize("argv, named", [

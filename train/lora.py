@@ -171,11 +171,11 @@ def lm_targets(model: nn.Module, cfg: LoRAConfig) -> list[tuple[str, nn.Module, 
 
 def vision_targets(model: nn.Module, cfg: LoRAConfig) -> list[tuple[str, nn.Module, None]]:
     """The encoder's Linear and (ungrouped) Conv2d layers inside its blocks that match vision_targets."""
-    from vision.encoder import _find_blocks
+    from vision.encoder import find_blocks
 
     if not cfg.vision:
         return []
-    _, blocks = _find_blocks(model.vision.model)
+    _, blocks = find_blocks(model.vision.model)
     inside = {id(m) for b in blocks for m in b.modules()}
     return [(f"vision.model.{n}", m, None) for n, m in model.vision.model.named_modules()
             if id(m) in inside and _matches(n, cfg.vision_targets)

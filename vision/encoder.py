@@ -60,7 +60,7 @@ def _has_intermediates(model: nn.Module) -> bool:
     return hasattr(model, "forward_intermediates")
 
 
-def _find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
+def find_blocks(model: nn.Module) -> tuple[str, list[nn.Module]]:
     """The model's sequence of blocks, for `unfreeze_last`: ViT `blocks`, `stages`, or ResNet layer1..4."""
     if isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
         name, blocks = "blocks", list(model.blocks)
@@ -152,7 +152,7 @@ class VisionEncoder(nn.Module):
         self.model.requires_grad_(False)
         trainable: list[nn.Module] = []
         if unfreeze_last:
-            name, blocks = _find_blocks(self.model)
+            name, blocks = find_blocks(self.model)
             if unfreeze_last > len(blocks):
                 raise ValueError(
                     f"unfreeze_last={unfreeze_last} but {self.model_name} has {len(blocks)} blocks ({name})"

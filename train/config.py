@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from lm.config import ConfigBase, ConfigError, check_ranges
 from mm.config import TASKS, MMConfig, preset
+from train.data.augment import AugmentConfig  # the augment section, kept beside the changes it draws
 
 
 @dataclass
@@ -130,48 +131,6 @@ class VisionWarmupConfig(ConfigBase):
         if self.steps < 0 or self.lr <= 0 or self.batch_size < 1 or self.weight_decay < 0:
             raise ConfigError(f"vision_warmup: steps >= 0, lr > 0, batch_size >= 1 and weight_decay >= 0 "
                               f"needed, got {self.to_dict()}")
-
-
-@dataclass
-class AugmentConfig(ConfigBase):
-    """Real-world image changes drawn per training sample (train/data/augment.py); each keeps a scene's
-    caption true. Off by default: user data already varies, and some changes (a shift, a canvas)
-    could cut what a caption names in other images."""
-
-    enabled: bool = False
-    p: float = 0.8  # chance a sample is changed at all; the rest stay clean
-    canvas: float = 0.3  # chance of a non-square canvas of the border colour, image placed at random
-    canvas_aspect: float = 1.4  # the canvas' width/height ratio drawn log-uniformly in [1/this, this]
-    shift: float = 0.4  # chance of a translation
-    shift_frac: float = 0.08  # up to this fraction of the shorter side in x and in y
-    tone: float = 0.3  # chance of a brightness and contrast change
-    tone_range: float = 0.1  # factors in [1 - this, 1 + this]
-    blur: float = 0.15
-    blur_radius: list[float] = field(default_factory=lambda: [0.3, 1.2])  # Gaussian radius, px
-    scale: float = 0.6  # chance of a rescale (random filter) before noise and JPEG
-    scale_px: list[int] = field(default_factory=lambda: [56, 512])  # longest side, log-uniform
-    noise: float = 0.35
-    noise_sigma: list[float] = field(default_factory=lambda: [1.0, 11.0])  # Gaussian, 0..255 units
-    jpeg: float = 0.5
-    jpeg_quality: list[int] = field(default_factory=lambda: [25, 95])
-
-    def __post_init__(self):
-        chances = {k: getattr(self, k) for k in ("p", "canvas", "shift", "tone", "blur", "scale", "noise", "jpeg")}
-
-        def span(v, lo):
-            return len(v) == 2 and lo <= v[0] <= v[1]
-
-        check_ranges("TrainConfig.augment", [
-            (all(0 <= v <= 1 for v in chances.values()), "chances must be in [0, 1]", chances),
-            (self.canvas_aspect >= 1, "canvas_aspect must be >= 1", self.canvas_aspect),
-            (0 <= self.shift_frac <= 0.5, "shift_frac must be in [0, 0.5]", self.shift_frac),
-            (0 <= self.tone_range < 1, "tone_range must be in [0, 1)", self.tone_range),
-            (span(self.blur_radius, 0), "blur_radius must be [low, high] with 0 <= low <= high", self.blur_radius),
-            (span(self.scale_px, 8), "scale_px must be [low, high] with 8 <= low <= high", self.scale_px),
-            (span(self.noise_sigma, 0), "noise_sigma must be [low, high] with 0 <= low <= high", self.noise_sigma),
-            (span(self.jpeg_quality, 1) and self.jpeg_quality[1] <= 100,
-             "jpeg_quality must be [low, high] within 1..100", self.jpeg_quality),
-        ])
 
 
 @dataclass

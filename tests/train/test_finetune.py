@@ -66,7 +66,7 @@ def test_a_source_that_is_neither_kind_is_named(tmp_path, synth_shards, capsys):
     assert "neither a Captioner checkpoint nor an HF model directory" in capsys.readouterr().err
 
 
-def test_mtp_stage_trains_the_chain_and_leaves_the_captions(trained_micro, synth_shards, tmp_path):
+def test_mtp_stage_trains_the_chain_and_leaves_the_captions(trained_micro, synth_shards, tmp_path, monkeypatch):
     """--stage mtp --mtp-depths 3: only MTP weights move (encoder statistics included), the
     config records the depth, greedy output is unchanged and speculation drafts 3 by default."""
     from mm.captioner import Captioner
@@ -84,6 +84,9 @@ def test_mtp_stage_trains_the_chain_and_leaves_the_captions(trained_micro, synth
     assert new.model.cfg.lm.mtp_depths == 3 and old.model.cfg.lm.mtp_depths == 0
     images = [render(sample_scene(sample_rng("test", 5, i))) for i in range(3)]
     assert new.caption(images, task="describe") == old.caption(images, task="describe")
+    import mm.generate
+
+    monkeypatch.setattr(mm.generate, "DRAFT_MIN_PROB", 0.0)  # every round drafts the whole chain
     by_default = new.run(images[0], task="describe", speculative=True)
     explicit = new.run(images[0], task="describe", speculative=True, draft_tokens=3)
     assert by_default.texts == explicit.texts == new.caption(images[:1], task="describe")

@@ -16,10 +16,12 @@ import io
 import math
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter
 
+from lm.config import ConfigBase, check_ranges
 from vision.preprocess import border_colour
 
 _FILTERS = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS,
@@ -97,8 +99,50 @@ CHANGES: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+@dataclass
+class AugmentConfig(ConfigBase):
+    """The `augment` section of a training config: real-world image changes drawn per sample; each keeps a scene's
+    caption true. Off by default: user data already varies, and some changes (a shift, a canvas)
+    could cut what a caption names in other images."""
+
+    enabled: bool = False
+    p: float = 0.8  # chance a sample is changed at all; the rest stay clean
+    canvas: float = 0.3  # chance of a non-square canvas of the border colour, image placed at random
+    canvas_aspect: float = 1.4  # the canvas' width/height ratio drawn log-uniformly in [1/this, this]
+    shift: float = 0.4  # chance of a translation
+    shift_frac: float = 0.08  # up to this fraction of the shorter side in x and in y
+    tone: float = 0.3  # chance of a brightness and contrast change
+    tone_range: float = 0.1  # factors in [1 - this, 1 + this]
+    blur: float = 0.15
+    blur_radius: list[float] = field(default_factory=lambda: [0.3, 1.2])  # Gaussian radius, px
+    scale: float = 0.6  # chance of a rescale (random filter) before noise and JPEG
+    scale_px: list[int] = field(default_factory=lambda: [56, 512])  # longest side, log-uniform
+    noise: float = 0.35
+    noise_sigma: list[float] = field(default_factory=lambda: [1.0, 11.0])  # Gaussian, 0..255 units
+    jpeg: float = 0.5
+    jpeg_quality: list[int] = field(default_factory=lambda: [25, 95])
+
+    def __post_init__(self):
+        chances = {k: getattr(self, k) for k in ("p", "canvas", "shift", "tone", "blur", "scale", "noise", "jpeg")}
+
+        def span(v, lo):
+            return len(v) == 2 and lo <= v[0] <= v[1]
+
+        check_ranges("TrainConfig.augment", [
+            (all(0 <= v <= 1 for v in chances.values()), "chances must be in [0, 1]", chances),
+            (self.canvas_aspect >= 1, "canvas_aspect must be >= 1", self.canvas_aspect),
+            (0 <= self.shift_frac <= 0.5, "shift_frac must be in [0, 0.5]", self.shift_frac),
+            (0 <= self.tone_range < 1, "tone_range must be in [0, 1)", self.tone_range),
+            (span(self.blur_radius, 0), "blur_radius must be [low, high] with 0 <= low <= high", self.blur_radius),
+            (span(self.scale_px, 8), "scale_px must be [low, high] with 8 <= low <= high", self.scale_px),
+            (span(self.noise_sigma, 0), "noise_sigma must be [low, high] with 0 <= low <= high", self.noise_sigma),
+            (span(self.jpeg_quality, 1) and self.jpeg_quality[1] <= 100,
+             "jpeg_quality must be [low, high] within 1..100", self.jpeg_quality),
+        ])
+
+
 class Augment:
-    """Random real-world changes, each applied with its probability (train/config.py AugmentConfig).
+    """Random real-world changes, each applied with its probability (AugmentConfig above).
 
     Order: geometry at the source size (non-square canvas, shift), tone and blur, a rescale to
     the size the image is "saved" at, sensor noise, then JPEG, the way a photo or screenshot is

@@ -28,8 +28,9 @@ def random_tiny(tiny_app_checkpoint):
 
 
 def test_mixed_batch_equals_each_request_alone(bundled):
-    """Random tasks, lengths, sampling rows and arrival times; more requests than rows, so rows
-    are retired and refilled while others run. Text, tokens and expert load match lone runs."""
+    """Random tasks, lengths, minimum lengths, sampling rows and arrival times; more requests than
+    rows, so rows are retired and refilled while others run. Text and tokens match lone runs with
+    speculation on or off (expert load: against plain lone runs, which route the same tokens)."""
     cap, engine = bundled
     rnd = random.Random(0)
     jobs = []
@@ -39,17 +40,21 @@ def test_mixed_batch_equals_each_request_alone(bundled):
             opts.update(temperature=rnd.choice([0.7, 1.3]), top_p=rnd.choice([1.0, 0.9]), seed=rnd.randrange(100))
         elif rnd.random() < 0.3:
             opts.update(repetition_penalty=1.2)
+        if rnd.random() < 0.4:
+            opts.update(min_new_tokens=rnd.randint(0, opts["max_new_tokens"]))
         jobs.append((render(sample_scene(sample_rng("test", 77, i))), rnd.choice(TASKS), opts))
     requests = []
     for image, task, opts in jobs:
         requests.append(engine.submit(image, task, **opts))
         time.sleep(rnd.choice([0, 0, 0.01, 0.05]))  # some arrive while others are mid-decode
     results = [r.result(timeout=120) for r in requests]
-    for (image, task, opts), got in zip(jobs, results):
+    for i, ((image, task, opts), got) in enumerate(zip(jobs, results)):
         alone = cap.run(image, task, speculative=False, **opts)
         assert got.text == alone.texts[0], (task, opts)
         assert got.stats.expert_load == alone.stats.expert_load, (task, opts)
         assert got.stats.new_tokens == alone.stats.new_tokens
+        if i % 2 == 0:  # the same request alone through MTP speculation (greedy rows use it)
+            assert cap.run(image, task, speculative=True, **opts).texts == alone.texts, (task, opts)
     assert engine.busy_rows == 0
 
 

@@ -109,7 +109,8 @@ class Captioner:
         ids = self.tokenizer.build_prompt(prompt, self.model.num_image_tokens)
         return torch.tensor([ids] * n, device=self.device)
 
-    def _pixels(self, images) -> torch.Tensor:
+    def pixels(self, images) -> torch.Tensor:
+        """The encoder's input batch [B, 3, S, S] for a list of images, on the model's device and dtype."""
         param = next(self.model.parameters())
         # A tensor is taken as already through `self.transform` (bulk captioning decodes elsewhere).
         batch = torch.stack([im if isinstance(im, torch.Tensor) else self.transform(load_image(im)) for im in images])
@@ -127,7 +128,7 @@ class Captioner:
         texts, total = [], GenerationStats()
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
-            ids, stats = generate(self.model, self._pixels(chunk), self.prefix(task, len(chunk)), gen,
+            ids, stats = generate(self.model, self.pixels(chunk), self.prefix(task, len(chunk)), gen,
                                   self.tokenizer.eos_id, self.decoder)
             texts += [self.tokenizer.decode(row).strip() for row in ids]
             total.add(stats)
@@ -159,7 +160,7 @@ class Captioner:
         # Inference mode is entered per step, not across the yields: a server may resume
         # this generator on another thread, where a mode entered earlier does not hold.
         with torch.inference_mode():
-            pixels, prefix = self._pixels([image]), self.prefix(task, 1)
+            pixels, prefix = self.pixels([image]), self.prefix(task, 1)
             steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats, self.decoder)
         while True:
             with torch.inference_mode():

@@ -70,7 +70,7 @@ def test_calibration_fits_distances_and_round_trips(tmp_path):
 
 def test_a_calibrated_checkpoint_flags_unfamiliar_images(cap, tmp_path):
     model = cap.model
-    feats = model.vision(cap._pixels(_scenes(64, 100))).float().mean(1)
+    feats = model.vision(cap.pixels(_scenes(64, 100))).float().mean(1)
     mean, whiten = fit(feats)
     model.calibration = Calibration(mean, whiten, radius=100.0, softness=10.0, thresholds={"caption": 0.5}, info={})
     try:

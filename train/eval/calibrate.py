@@ -114,7 +114,7 @@ def in_world(args, start: int, n: int, split: str) -> list[Image.Image]:
 
 @torch.inference_mode()
 def pooled_features(cap, images: list[Image.Image], batch_size: int) -> torch.Tensor:
-    feats = [cap.model.vision(cap._pixels(images[i : i + batch_size])).float()
+    feats = [cap.model.vision(cap.pixels(images[i : i + batch_size])).float()
              for i in tqdm(range(0, len(images), batch_size), desc="features", file=sys.stderr, leave=False)]
     return torch.cat(feats)  # [n, N, C]
 

@@ -40,7 +40,7 @@ from lm import ConfigError
 from mm.captioner import DEFAULT_MODEL_DIR, Captioner
 from mm.engine import Engine
 from mm.generate import GenerationConfig, GenerationStats
-from mm.openai_api import judgement, router
+from mm.openai_api import judgement, model_id, router
 from mm.protocol import problem
 from vision.preprocess import DEFAULT_MAX_PIXELS, IMAGE_FORMATS, ImageError, load_image
 
@@ -440,10 +440,6 @@ def serve(cap: Captioner, untrained: bool = False, host: str = "127.0.0.1", port
     finally:
         engine.close()
     return demo, engine, url
-
-
-def model_id(cap: Captioner) -> str:
-    return f"mm-{cap.path.name}" if cap.path is not None else "mm-untrained"
 
 
 def check_options(args) -> None:

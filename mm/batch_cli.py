@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -146,15 +145,15 @@ def run(args) -> int:
     from fastapi import FastAPI
 
     from mm.captioner import Captioner
+    from mm.checkpoint import check_output_file
     from mm.engine import Engine
-    from mm.openai_api import router
+    from mm.openai_api import model_id, router
 
     inp, outp = Path(args.input), Path(args.output)
     try:
         if not inp.is_file():
             raise ValueError(f"{inp}: no such input file")
-        if outp.is_dir() or not outp.parent.is_dir() or not os.access(outp.parent, os.W_OK):
-            raise ValueError(f"{outp}: the output must be a file in an existing, writable directory")
+        check_output_file(outp, "output")
         if min(args.max_batch, args.max_tokens, args.concurrency) < 1:
             raise ValueError("--max-batch, --max-tokens and --concurrency must be >= 1")
         cap = Captioner.from_pretrained(args.checkpoint, device=args.device, dtype=args.dtype)
@@ -164,8 +163,7 @@ def run(args) -> int:
     done = answered_ids(outp)
     engine = Engine(cap, max_batch=args.max_batch, max_queue=args.concurrency + 1, max_new_tokens=args.max_tokens)
     app = FastAPI()
-    model_id = f"mm-{cap.path.name}"  # as the server names it (app.model_id)
-    app.include_router(router(engine, model_id, args.max_tokens))
+    app.include_router(router(engine, model_id(cap), args.max_tokens))
     try:
         with open(outp, "ab") as out:
             ok, failed = asyncio.run(answer_all(app, requests(inp, done), out, args.concurrency))

@@ -207,12 +207,19 @@ def caption_units(cap, units: list[Unit], job: BulkJob, report=None) -> list[dic
     return summaries
 
 
+def caption_records(cap, pending: list[tuple[dict, object]], task: str, options: dict,
+                    prefix: str = "", suffix: str = "") -> list[dict]:
+    """Caption a batch of (record, image) pairs: each record with its caption, task and confidence,
+    as every output of `mm caption` writes them."""
+    res = cap.run([image for _, image in pending], task=task, **options)
+    return [rec | {"caption": prefix + text + suffix, "task": task} | reported(conf, odd)
+            for (rec, _), text, conf, odd in zip(pending, res.texts, res.confidence, res.unfamiliar)]
+
+
 def _caption(cap, run: UnitRun, pending: list, job: BulkJob) -> int:
     if not pending:
         return 0
-    res = cap.run([px for _, px in pending], task=job.task, **job.options)
-    run.add([rec | {"caption": job.prefix + text + job.suffix, "task": job.task} | reported(conf, odd)
-             for (rec, _), text, conf, odd in zip(pending, res.texts, res.confidence, res.unfamiliar)])
+    run.add(caption_records(cap, pending, job.task, job.options, job.prefix, job.suffix))
     n = len(pending)
     pending.clear()
     return n

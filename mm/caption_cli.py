@@ -27,7 +27,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from mm.confidence import reported
 from mm.shard_outputs import json_line
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -151,19 +150,10 @@ def check_args(args) -> dict:
     return options
 
 
-def check_out(path: str) -> None:
-    """`--out` must name a file in an existing, writable directory."""
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"--out {path} is a directory; name a file (or use --output-dir for one output per shard)")
-    if not p.parent.is_dir():
-        raise ValueError(f"--out {path}: the directory {p.parent} does not exist; create it first")
-    if not os.access(p.parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise ValueError(f"--out {path} is not writable")
-
-
 def check_output_dir(path: str) -> None:
     """`--output-dir` is created if missing; it must end up a writable directory."""
+    from mm.checkpoint import check_writable_dir
+
     p = Path(path)
     if p.exists() and not p.is_dir():
         raise ValueError(f"--output-dir {path} is a file, not a directory")
@@ -171,8 +161,7 @@ def check_output_dir(path: str) -> None:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ValueError(f"--output-dir {path} cannot be created ({e.strerror or e})") from None
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise ValueError(f"--output-dir {path} is not writable")
+    check_writable_dir(p, f"--output-dir {path}")
 
 
 def check_bulk(args, options: dict):
@@ -229,7 +218,9 @@ def run(args) -> int:
     try:
         options = check_args(args)  # bad options, a bad checkpoint and an unknown task fail before any work
         if args.out is not None:
-            check_out(args.out)
+            from mm.checkpoint import check_output_file
+
+            check_output_file(args.out, "--out")
         bulk = check_bulk(args, options)
         on_ray = bulk is not None and args.ray is not None
         if on_ray:  # the actors load the model; the driver checks what it can without it
@@ -276,6 +267,8 @@ def run_ray(args, job, units, already: int) -> int:
 
 def caption_all(cap, args, options: dict, out) -> tuple[int, int]:
     """Caption every input in batches, writing a line per image; returns (captioned, failed)."""
+    from mm.bulk_caption import caption_records
+
     failed = done = 0
     pending: list[tuple[dict, object]] = []
     bar = tqdm(desc="caption", unit="img", file=sys.stderr, dynamic_ncols=True)
@@ -284,10 +277,7 @@ def caption_all(cap, args, options: dict, out) -> tuple[int, int]:
         nonlocal done
         if not pending:
             return
-        res = cap.run([img for _, img in pending], task=args.task, **options)
-        for (rec, _), text, conf, odd in zip(pending, res.texts, res.confidence, res.unfamiliar):
-            line = rec | {"caption": text, "task": args.task} | reported(conf, odd)
-            out.write(json_line(line))
+        out.write(b"".join(json_line(line) for line in caption_records(cap, pending, args.task, options)))
         out.flush()
         done += len(pending)
         bar.update(len(pending))

@@ -27,7 +27,7 @@ from mm.config import MMConfig
 from mm.model import CaptionModel
 from mm.tokenizer import Tokenizer
 
-__all__ = ["CheckpointError", "atomic_dir", "check_device", "check_output_dir", "check_writable_dir", "clean_stale", "load_checkpoint", "load_config",
+__all__ = ["CheckpointError", "atomic_dir", "check_device", "check_output_dir", "check_output_file", "check_writable_dir", "clean_stale", "load_checkpoint", "load_config",
            "load_state_strict", "read_weights", "remove_dir", "save_checkpoint", "write_checkpoint"]
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
@@ -74,6 +74,19 @@ def check_output_dir(target: str | Path, flag: str, marker: str) -> None:
     if not parent.is_dir():
         raise CheckpointError(f"{flag} {target}: {parent} is a file, not a directory")
     check_writable_dir(parent, f"{flag} {target}")
+
+
+def check_output_file(path: str | Path, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a directory, a file in a
+    missing directory, an existing file this process cannot write, or a folder it cannot write in."""
+    p = Path(path)
+    if p.is_dir():
+        raise CheckpointError(f"{flag} {path} is a directory; name a file")
+    if not p.parent.is_dir():
+        raise CheckpointError(f"{flag} {path}: the directory {p.parent} does not exist; create it first")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise CheckpointError(f"{flag} {path} is not writable")
+    check_writable_dir(p.parent, f"{flag} {path}")
 
 
 def check_writable_dir(folder: Path, what: str) -> None:

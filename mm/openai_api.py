@@ -200,6 +200,11 @@ def _finish(res, eos_id: int) -> str:
     return "stop" if res.tokens and res.tokens[-1] == eos_id else "length"
 
 
+def model_id(cap) -> str:
+    """The name `GET /v1/models` lists for a Captioner (and `mm batch` answers with)."""
+    return f"mm-{cap.path.name}" if cap.path is not None else "mm-untrained"
+
+
 def judgement(conf: float, cap, task: str) -> dict:
     """{"confidence", "unfamiliar"} as the API and the page's tables report them: both None when
     the confidence is not a number (JSON has no NaN, and no flag may rest on one)."""

@@ -399,10 +399,15 @@ def save_hf(model: Transformer, path: str | os.PathLike, shard_size: int = 5_000
     return path
 
 
-def atomic_file(target: str | Path, write) -> None:
+def atomic_file(target: str | Path, write, suffix: str = ".tmp") -> None:
     """Call `write(tmp_path)` beside the target, then rename, so a crash never leaves a half-written
-    file. The one file writer of the project (checkpoint directories: mm.checkpoint.atomic_dir)."""
+    file; a write that fails removes its temporary file and leaves the target as it was. The one
+    file writer of the project (checkpoint directories: mm.checkpoint.atomic_dir)."""
     target = Path(target)
-    tmp = target.with_name(target.name + ".tmp")
-    write(str(tmp))
-    os.replace(tmp, target)
+    tmp = target.with_name(target.name + suffix)
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

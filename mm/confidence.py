@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lm.config import CheckpointError
+from lm.hf import atomic_file
 
 FILE = "calibration.safetensors"
 
@@ -68,13 +68,10 @@ class Calibration:
 
         meta = {"radius": self.radius, "softness": self.softness, "thresholds": self.thresholds, "info": self.info}
         path = Path(folder) / FILE
-        tmp = path.with_name(f".{FILE}.tmp-{os.getpid()}")
+        tensors = {"mean": self.mean.float().contiguous(), "whiten": self.whiten.float().contiguous()}
         try:
-            save_file({"mean": self.mean.float().contiguous(), "whiten": self.whiten.float().contiguous()},
-                      str(tmp), metadata={"calibration": json.dumps(meta)})
-            os.replace(tmp, path)
+            atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata={"calibration": json.dumps(meta)}))
         except (OSError, SafetensorError) as e:
-            tmp.unlink(missing_ok=True)
             raise CheckpointError(f"cannot write {path} ({e}); any previous calibration there is unchanged") from e
 
     @classmethod

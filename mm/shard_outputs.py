@@ -27,6 +27,7 @@ from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
+from lm.hf import atomic_file
 from mm.samples import open_shard
 
 FORMATS = {"jsonl": ".jsonl", "parquet": ".parquet", "wds": ".tar"}
@@ -52,9 +53,8 @@ def output_name(source: str) -> str:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
+    """`data` to `path` by way of `<path>.partial` (never half a file under the final name)."""
+    atomic_file(path, lambda tmp: Path(tmp).write_bytes(data), ".partial")
 
 
 def txt_path(image_path: str, extension: str) -> Path:

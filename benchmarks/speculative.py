@@ -5,8 +5,16 @@ both alike), checks the outputs are identical, and reports per task the draft
 acceptance, drafts per round, tokens per forward and the wall-clock speed-up (median of
 per-image ratios; the plain baseline runs in the same process, image by image).
 
+The speculative side is what a Captioner does by default: its DraftPolicy drafts for a task
+only while drafting has measured faster than plain decoding there (mm/draft_policy.py), so
+`drafted` says how many of the measured requests drafted. `--draft-tokens N` drafts on
+every request instead. `--costs` also times the decoder's entry points on one image per
+task (a main step over 1 and over depth + 1 tokens, one draft step) and prints what a
+round of drafts costs in plain steps: the speed-up decoding could reach if those were all
+it cost.
+
     python benchmarks/speculative.py [--checkpoint DIR] [--n 40] [--tasks describe ...] [--compile]
-        [--draft-tokens N] [--draft-min-prob P]
+        [--draft-tokens N] [--draft-min-prob P] [--costs]
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ def measure(cap: Captioner, images, task: str, spec: dict) -> dict:
     for img in images[:3]:  # warm-up (a compiled step compiles the shapes this task uses)
         cap.run(img, task=task, speculative=False)
         cap.run(img, task=task, **spec)
-    ratios, plain_t, spec_t = [], [], []
+    ratios, plain_t, spec_t, drafted = [], [], [], 0
     plain_stats, spec_stats = GenerationStats(), GenerationStats()
     mismatches = 0
     for img in images:
@@ -39,13 +47,14 @@ def measure(cap: Captioner, images, task: str, spec: dict) -> dict:
         b = cap.run(img, task=task, **spec)
         t2 = time.perf_counter()
         mismatches += a.texts != b.texts
+        drafted += b.stats.speculative
         plain_t.append(t1 - t0)
         spec_t.append(t2 - t1)
         ratios.append((t1 - t0) / (t2 - t1))
         plain_stats.add(a.stats)
         spec_stats.add(b.stats)
     rounds = spec_stats.forwards
-    return {"task": task, "identical_outputs": mismatches == 0, "mismatches": mismatches,
+    return {"task": task, "identical_outputs": mismatches == 0, "mismatches": mismatches, "drafted": drafted,
             "acceptance": round(spec_stats.acceptance or 0.0, 4),
             "drafts_per_round": round(spec_stats.drafts / rounds, 3) if rounds else None,
             "tokens_per_forward_plain": round(plain_stats.tokens_per_forward, 3),
@@ -53,6 +62,36 @@ def measure(cap: Captioner, images, task: str, spec: dict) -> dict:
             "median_ms_plain": round(1000 * statistics.median(plain_t), 2),
             "median_ms_speculative": round(1000 * statistics.median(spec_t), 2),
             "speedup_median": round(statistics.median(ratios), 3)}
+
+
+def entry_point_costs(cap: Captioner, image, task: str, depth: int, reps: int = 50) -> dict:
+    """Median ms of the decoder's entry points after this image's prefill: a main step over 1
+    and over depth + 1 tokens, and one chained draft step; and what a round of `depth` drafts
+    costs in plain steps."""
+    dec = cap.decoder
+
+    def median_ms(fn):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return 1000 * statistics.median(times)
+
+    with torch.inference_mode():
+        image_embeds, _ = cap.model.encode(cap.pixels([image]))
+        embeds = cap.model.embed(cap.prefix(task), image_embeds)
+        n = embeds.shape[1]
+        cache = dec.new_cache(1, n + depth + 1)
+        out = dec.prefill(embeds, cache)
+        ids = torch.randint(0, cap.model.cfg.lm.vocab_size, (1, depth + 1))
+        step = median_ms(lambda: int(dec.step(ids[:, :1], cache, n).logits[0, -1].argmax()))
+        verify = median_ms(lambda: int(dec.step(ids, cache, n).logits[0, -1].argmax()))
+        draft = median_ms(lambda: int(dec.draft(out.hidden[:, -1:], ids[:, :1], cache, n).tokens[0]))
+    round_steps = (verify + depth * draft) / step
+    return {"step_ms": round(step, 3), f"step_{depth + 1}_tokens_ms": round(verify, 3), "draft_ms": round(draft, 3),
+            "round_in_plain_steps": round(round_steps, 2), "speedup_if_all_accepted": round((depth + 1) / round_steps, 2)}
 
 
 def main():
@@ -66,6 +105,7 @@ def main():
                     help="most drafts per verification (chained MTP; default: the model's trained depth)")
     ap.add_argument("--draft-min-prob", type=float, default=None,
                     help=f"the chain stops after a draft below this probability (default {mm.generate.DRAFT_MIN_PROB})")
+    ap.add_argument("--costs", action="store_true", help="also time the decoder's entry points (see above)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,11 +117,15 @@ def main():
     rows = []
     for task in args.tasks or cap.tasks:
         r = measure(cap, images, task, spec)
+        if args.costs:
+            r["costs"] = entry_point_costs(cap, images[0], task, GenerationConfig(draft_tokens=args.draft_tokens)
+                                           .drafts(cap.model))
         rows.append(r)
-        print(f"{task}: acceptance {r['acceptance']:.3f}, drafts/round {r['drafts_per_round']}, tokens/forward "
-              f"{r['tokens_per_forward_plain']} -> {r['tokens_per_forward_speculative']}, median "
-              f"{r['median_ms_plain']} ms -> {r['median_ms_speculative']} ms (speed-up {r['speedup_median']}x), "
-              f"identical: {r['identical_outputs']}", flush=True)
+        print(f"{task}: drafted {r['drafted']}/{args.n}, acceptance {r['acceptance']:.3f}, drafts/round "
+              f"{r['drafts_per_round']}, tokens/forward {r['tokens_per_forward_plain']} -> "
+              f"{r['tokens_per_forward_speculative']}, median {r['median_ms_plain']} ms -> "
+              f"{r['median_ms_speculative']} ms (speed-up {r['speedup_median']}x), identical: "
+              f"{r['identical_outputs']}" + (f", costs {r['costs']}" if args.costs else ""), flush=True)
     print(json.dumps({"bench": "speculative", "n": args.n, "threads": torch.get_num_threads(),
                       "compiled": args.compile, "draft_min_prob": mm.generate.DRAFT_MIN_PROB,
                       "draft_tokens": GenerationConfig(draft_tokens=args.draft_tokens).drafts(cap.model),

@@ -19,6 +19,7 @@ from PIL import Image
 
 import lm
 from mm.checkpoint import load_checkpoint, save_checkpoint
+from mm.draft_policy import DraftPolicy
 from mm.generate import GenerationConfig, GenerationStats, generate, stream_tokens
 from vision.preprocess import build_transform, load_image
 
@@ -56,6 +57,8 @@ class Captioner:
         self.transform = build_transform(model.vision.data_config)
         self.path: Path | None = None
         self.decoder = lm.Decoder(model.lm)  # the fast decode path over this model's weights
+        # whether speculation pays here, per task (mm/draft_policy.py); None: always draft
+        self.draft_policy: DraftPolicy | None = DraftPolicy()
         self.compile_s: float | None = None
         if compile:
             self.compile()
@@ -84,6 +87,8 @@ class Captioner:
         blank = Image.new("RGB", (self.model.cfg.vision.image_size,) * 2)
         for task in self.tasks:
             self.caption(blank, task=task, max_new_tokens=4, speculative=False)
+        if self.draft_policy is not None:  # compiled steps cost differently (and these runs include compiling)
+            self.draft_policy = DraftPolicy()
         self.compile_s = time.perf_counter() - t0
         print(f"compiled the decode step in {self.compile_s:.1f} s", file=sys.stderr)
         return self.compile_s
@@ -129,7 +134,7 @@ class Captioner:
         for i in range(0, len(images), self.batch_size):
             chunk = images[i : i + self.batch_size]
             ids, stats = generate(self.model, self.pixels(chunk), self.prefix(task, len(chunk)), gen,
-                                  self.tokenizer.eos_id, self.decoder)
+                                  self.tokenizer.eos_id, self.decoder, self.draft_policy)
             texts += [self.tokenizer.decode(row).strip() for row in ids]
             total.add(stats)
         return CaptionResult(texts, total, total.confidence, [self.unfamiliar(c, task) for c in total.confidence])
@@ -161,7 +166,8 @@ class Captioner:
         # this generator on another thread, where a mode entered earlier does not hold.
         with torch.inference_mode():
             pixels, prefix = self.pixels([image]), self.prefix(task, 1)
-            steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats, self.decoder)
+            steps = stream_tokens(self.model, pixels, prefix, gen, self.tokenizer.eos_id, stats, self.decoder,
+                                  self.draft_policy)
         while True:
             with torch.inference_mode():
                 step = next(steps, None)

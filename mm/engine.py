@@ -305,7 +305,8 @@ class Engine:
             req._put(("piece", self.tok.decode(tokens).strip()))
         else:
             stats, text, tokens = GenerationStats(), CaptionText(self.tok), []
-            for step in stream_tokens(self.model, pixels, prefix, req.gen, self.tok.eos_id, stats, self.dec):
+            for step in stream_tokens(self.model, pixels, prefix, req.gen, self.tok.eos_id, stats, self.dec,
+                                      self.cap.draft_policy):
                 if req.cancelled:
                     req._put(("done", Cancelled("cancelled")))
                     return

@@ -16,19 +16,23 @@ chain the LM was trained on, its `mtp_depths`, see `mm finetune --stage mtp`) an
 while each draft's probability reaches DRAFT_MIN_PROB. One main forward over
 [token, drafts] verifies them all and yields the token after the accepted ones, with the
 same rules plain greedy decoding applies one step at a time (the minimum length
-included), so the output is token-for-token that of plain greedy decoding.
+included), so the output is token-for-token that of plain greedy decoding. Where the
+caller keeps a `DraftPolicy` (a Captioner does; mm/draft_policy.py) and `draft_tokens` is
+not given, a task drafts only while drafting has measured faster per token than plain
+decoding on this machine.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 import lm
 from mm.confidence import confidence
+from mm.draft_policy import DraftPolicy
 from mm.sampling import Sampler, process
 
 
@@ -272,14 +276,17 @@ class _Drafter:
         self.ahead, self.hidden = self._ids(new[keep:]), out.hidden[:, keep:len(new)]
 
 
-def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
-                  stats: GenerationStats, decoder=None) -> Iterator[list[list[int]]]:
+def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int, stats: GenerationStats,
+                  decoder=None, policy: DraftPolicy | None = None) -> Iterator[list[list[int]]]:
     """Yield, step by step, the new token ids of each row (empty once a row has ended).
 
     One loop for plain and speculative decoding: a speculative step feeds the last token
     with the drafts proposed for after it, and keeps the ones the sampler accepts (greedy,
     so the tokens are plain greedy's). `decoder`: an `lm.Decoder` of model.lm (built here
-    when None) or an `lm.Reference`. The tokens leaving the device are a step's host sync.
+    when None) or an `lm.Reference`. `policy` (a Captioner keeps one) decides whether a
+    speculative request without `draft_tokens` drafts, and learns from the timing of every
+    single-row request; without one, speculation always drafts. The tokens leaving the
+    device are a step's host sync.
     """
     decoder = decoder if decoder is not None else lm.Decoder(model.lm)
     speculative = gen.uses_speculation(model)
@@ -287,14 +294,19 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
         raise ValueError("speculative streaming takes one image at a time")
     depth = gen.drafts(model) if speculative else 0
     s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + depth + 1, stats)
+    task = tuple(prefix_ids[0].tolist())
+    policy = policy if prefix_ids.shape[0] == 1 else None
+    if speculative and gen.draft_tokens is None and policy is not None:
+        speculative = policy.speculate(task)  # a depth asked for drafts on every request
     sampler = Sampler(gen, eos_id, prefix_ids.shape[0], prefix_ids.device)
     t0 = time.perf_counter()
     fed, new = sampler.next(s.out.logits[:, -1])
     drafter = _Drafter(s, new[0][0], depth) if speculative else None
-    stats.speculative = speculative
+    stats.speculative, produced = speculative, 0
     while True:
         yield new
         stats.new_tokens += sum(map(len, new))
+        produced += sum(map(len, new))
         if sampler.finished:
             break
         if drafter is None:
@@ -309,6 +321,8 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
         stats.accepted += accepted
         new = [kept]
     stats.decode_s = time.perf_counter() - t0
+    if policy is not None and not (speculative and gen.draft_tokens is not None):
+        policy.record(task, speculative, stats.decode_s, produced - 1)
     s.finish(sampler.mean_logprob())
 
 
@@ -355,26 +369,29 @@ def beam_search(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
 
 
 @torch.inference_mode()
-def generate(model, images, prefix_ids, gen: GenerationConfig, eos_id: int, decoder=None):
+def generate(model, images, prefix_ids, gen: GenerationConfig, eos_id: int, decoder=None,
+             policy: DraftPolicy | None = None):
     """Token ids per row (ending with <eos> unless max_new_tokens cut them) and the stats.
 
     `decoder`: an `lm.Decoder` of model.lm (built here when None; a Captioner keeps one)
-    or `Reference(model.lm)` for the reference path."""
+    or `Reference(model.lm)` for the reference path; `policy`: as for `stream_tokens`."""
     gen.validate()
     decoder = decoder if decoder is not None else lm.Decoder(model.lm)
     stats = GenerationStats()
     if gen.num_beams > 1:
         return beam_search(model, images, prefix_ids, gen, eos_id, stats, decoder), stats
+    if gen.uses_speculation(model) and images.shape[0] > 1 and policy is not None and gen.draft_tokens is None:
+        gen = replace(gen, speculative=False)  # a batch decodes together: see mm/draft_policy.py
     if gen.uses_speculation(model) and images.shape[0] > 1:
         # Acceptance differs per row, so speculation decodes the rows one at a time.
-        rows = [generate(model, images[i : i + 1], prefix_ids[i : i + 1], gen, eos_id, decoder)
+        rows = [generate(model, images[i : i + 1], prefix_ids[i : i + 1], gen, eos_id, decoder, policy)
                 for i in range(len(images))]
         merged = GenerationStats()
         for _, st in rows:
             merged.add(st)
         return [r[0][0] for r in rows], merged
     out = [[] for _ in range(prefix_ids.shape[0])]
-    for step in stream_tokens(model, images, prefix_ids, gen, eos_id, stats, decoder):
+    for step in stream_tokens(model, images, prefix_ids, gen, eos_id, stats, decoder, policy):
         for row, new in zip(out, step):
             row.extend(new)
     return out, stats

@@ -34,7 +34,7 @@ def test_confidence_is_the_same_however_the_caption_is_decoded(cap):
     images = _scenes(4)
     plain = cap.run(images, speculative=False)
     assert len(plain.confidence) == 4 and all(0.9 < c <= 1.0 for c in plain.confidence)
-    for other in (cap.run(images, speculative=True), cap.run(images, num_beams=3)):
+    for other in (cap.run(images, speculative=True, draft_tokens=2), cap.run(images, num_beams=3)):
         assert other.texts == plain.texts
         torch.testing.assert_close(torch.tensor(other.confidence), torch.tensor(plain.confidence), rtol=0, atol=1e-5)
     engine = Engine(cap, max_batch=4)

@@ -87,6 +87,7 @@ def test_mtp_stage_trains_the_chain_and_leaves_the_captions(trained_micro, synth
     import mm.generate
 
     monkeypatch.setattr(mm.generate, "DRAFT_MIN_PROB", 0.0)  # every round drafts the whole chain
+    new.draft_policy = None  # every request drafts
     by_default = new.run(images[0], task="describe", speculative=True)
     explicit = new.run(images[0], task="describe", speculative=True, draft_tokens=3)
     assert by_default.texts == explicit.texts == new.caption(images[:1], task="describe")

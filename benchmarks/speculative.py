@@ -6,9 +6,10 @@ acceptance, drafts per round, tokens per forward and the wall-clock speed-up (me
 per-image ratios; the plain baseline runs in the same process, image by image).
 
 The speculative side is what a Captioner does by default: its DraftPolicy drafts for a task
-only while drafting has measured faster than plain decoding there (mm/draft_policy.py), so
-`drafted` says how many of the measured requests drafted. `--draft-tokens N` drafts on
-every request instead. `--costs` also times the decoder's entry points on one image per
+as deep as has measured fastest per token there (0, the trained chain or twice it;
+mm/draft_policy.py), trying each depth on a task's first requests, so `depths` counts the
+measured requests per depth (after the warm-up's three). `--draft-tokens N` drafts N deep
+on every request instead. `--costs` also times the decoder's entry points on one image per
 task (a main step over 1 and over depth + 1 tokens, one draft step) and prints what a
 round of drafts costs in plain steps: the speed-up decoding could reach if those were all
 it cost.
@@ -37,7 +38,7 @@ def measure(cap: Captioner, images, task: str, spec: dict) -> dict:
     for img in images[:3]:  # warm-up (a compiled step compiles the shapes this task uses)
         cap.run(img, task=task, speculative=False)
         cap.run(img, task=task, **spec)
-    ratios, plain_t, spec_t, drafted = [], [], [], 0
+    ratios, plain_t, spec_t, depths = [], [], [], {}
     plain_stats, spec_stats = GenerationStats(), GenerationStats()
     mismatches = 0
     for img in images:
@@ -47,14 +48,15 @@ def measure(cap: Captioner, images, task: str, spec: dict) -> dict:
         b = cap.run(img, task=task, **spec)
         t2 = time.perf_counter()
         mismatches += a.texts != b.texts
-        drafted += b.stats.speculative
+        depths[b.stats.depth] = depths.get(b.stats.depth, 0) + 1
         plain_t.append(t1 - t0)
         spec_t.append(t2 - t1)
         ratios.append((t1 - t0) / (t2 - t1))
         plain_stats.add(a.stats)
         spec_stats.add(b.stats)
     rounds = spec_stats.forwards
-    return {"task": task, "identical_outputs": mismatches == 0, "mismatches": mismatches, "drafted": drafted,
+    return {"task": task, "identical_outputs": mismatches == 0, "mismatches": mismatches,
+            "requests_by_depth": dict(sorted(depths.items())),
             "acceptance": round(spec_stats.acceptance or 0.0, 4),
             "drafts_per_round": round(spec_stats.drafts / rounds, 3) if rounds else None,
             "tokens_per_forward_plain": round(plain_stats.tokens_per_forward, 3),
@@ -121,7 +123,7 @@ def main():
             r["costs"] = entry_point_costs(cap, images[0], task, GenerationConfig(draft_tokens=args.draft_tokens)
                                            .drafts(cap.model))
         rows.append(r)
-        print(f"{task}: drafted {r['drafted']}/{args.n}, acceptance {r['acceptance']:.3f}, drafts/round "
+        print(f"{task}: requests by depth {r['requests_by_depth']}, acceptance {r['acceptance']:.3f}, drafts/round "
               f"{r['drafts_per_round']}, tokens/forward {r['tokens_per_forward_plain']} -> "
               f"{r['tokens_per_forward_speculative']}, median {r['median_ms_plain']} ms -> "
               f"{r['median_ms_speculative']} ms (speed-up {r['speedup_median']}x), identical: "

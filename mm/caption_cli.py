@@ -51,8 +51,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (pays off on large jobs; see README)")
     p.add_argument("--draft-tokens", type=int, default=None,
-                   help="MTP drafts verified per forward (above 1 the MTP module is chained on itself; "
-                        "default: the chain depth the model's MTP was trained to, else 1)")
+                   help="MTP drafts verified per forward on every image (above 1 the MTP module is chained "
+                        "on itself; default: per task, none, the depth the model's MTP was trained to or twice "
+                        "it, whichever measures fastest here; a batch decodes together without drafts)")
     bulk = p.add_argument_group("captioning a dataset (README: Captioning a dataset)")
     bulk.add_argument("--output-dir", default=None,
                       help="one output per input shard (or folder), named after it; a rerun skips complete ones")

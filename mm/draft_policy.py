@@ -13,15 +13,18 @@ image at a time: a batch of images decodes faster together, rows sharing each st
 row by row with drafts (the bundled model on a 2-core CPU: 115 images/s against 30 for 32
 captions), so where a policy is kept a batch never drafts unless `draft_tokens` asks to.
 
-So the policy measures the outcome itself: per task (prompt), the decode seconds and the
-tokens decoded of recent requests that speculated and of recent ones that did not (every
-single-image greedy or sampling request counts for the plain side), and speculates while
-that has cost less per token. Composing the figure from timed parts instead (step costs by
-token count, draft cost, acceptance per chain position) was tried: single timings on a
-shared CPU vary by tens of percent, and the estimates flipped the decision on noise. Until
-each side has `MIN_REQUESTS` requests the policy alternates; afterwards the side not taken
-is tried again every `RETRY_EVERY`-th request, so the figures follow a machine whose load
-changes.
+So the policy measures the outcome itself. It chooses, per task (prompt), how many drafts a
+round may chain: 0 (plain decoding), the depth the MTP module was trained to chain, or
+twice that (up to MAX_DRAFTS; a module trained to chain 4 often chains well past 4, and a
+longer chain saves rounds); the chain still stops at an unlikely draft or a drafted <eos>.
+For each depth it keeps the decode seconds and the tokens decoded of the task's recent
+requests (every single-image request without drafts counts for depth 0), and takes the
+depth that has cost the least per token. Composing that figure from timed parts instead
+(step costs by token count, draft cost, acceptance per chain position) was tried: single
+timings on a shared CPU vary by tens of percent, and the estimates flipped the choice on
+noise. Until each depth has `MIN_REQUESTS` requests the policy takes the least measured;
+afterwards, on every `RETRY_EVERY`-th request, another depth in turn, so the figures
+follow a machine whose load changes.
 """
 
 from __future__ import annotations
@@ -30,14 +33,20 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
-MIN_REQUESTS = 3  # per side, before the faster one is chosen
-WINDOW = 16  # recent requests kept per side
-RETRY_EVERY = 16  # the side not taken runs again on every this many requests of a task
+MAX_DRAFTS = 8  # GenerationConfig's limit on draft_tokens
+MIN_REQUESTS = 3  # per depth, before the fastest is chosen
+WINDOW = 16  # recent requests kept per depth
+RETRY_EVERY = 32  # another depth runs on every this many requests of a task
+
+
+def depths(trained: int) -> tuple[int, ...]:
+    """The depths tried for a model whose MTP module chains `trained` drafts, in the order first tried."""
+    return tuple(dict.fromkeys((trained, 0, min(2 * trained, MAX_DRAFTS))))
 
 
 @dataclass
-class _Side:
-    """Recent (seconds, tokens decoded) of one way of decoding a task."""
+class _Runs:
+    """Recent (seconds, tokens decoded) at one depth."""
 
     runs: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
 
@@ -49,40 +58,53 @@ class _Side:
 
 @dataclass
 class _Task:
-    plain: _Side = field(default_factory=_Side)
-    drafted: _Side = field(default_factory=_Side)
+    by_depth: dict = field(default_factory=dict)  # depth -> _Runs
     requests: int = 0
+
+    def at(self, depth: int) -> _Runs:
+        return self.by_depth.setdefault(depth, _Runs())
 
 
 class DraftPolicy:
-    """Speculate or not, per task, from the measured seconds per token of each (see the module
-    docstring). Shared by every request on a decoder (a Captioner keeps one); thread-safe."""
+    """How many drafts a round may chain, per task, from the measured seconds per token of each
+    depth (see the module docstring). Shared by every request on a decoder (a Captioner keeps
+    one); thread-safe."""
 
     def __init__(self):
         self._tasks: dict[tuple, _Task] = {}
         self._lock = threading.Lock()
 
-    def speculate(self, task: tuple) -> bool:
-        """Whether a new request of `task` (its prompt ids) should draft."""
+    def depth(self, task: tuple, trained: int) -> int:
+        """Drafts per round for a new request of `task` (its prompt ids); 0: decode plainly."""
+        options = depths(trained)
         with self._lock:
             t = self._tasks.setdefault(task, _Task())
             t.requests += 1
-            plain, drafted = t.plain.seconds_per_token, t.drafted.seconds_per_token
-            if drafted is None or plain is None:  # still measuring: the side with fewer runs
-                return len(t.drafted.runs) <= len(t.plain.runs)
-            faster = drafted < plain
-            return faster != (t.requests % RETRY_EVERY == 0)
+            figures = {k: t.at(k).seconds_per_token for k in options}
+            unmeasured = [k for k in options if figures[k] is None]
+            if unmeasured:
+                return min(unmeasured, key=lambda k: len(t.at(k).runs))
+            best = min(options, key=figures.get)
+            if t.requests % RETRY_EVERY:
+                return best
+            others = [k for k in options if k != best]
+            return others[(t.requests // RETRY_EVERY) % len(others)]
 
-    def record(self, task: tuple, drafted: bool, seconds: float, tokens: int) -> None:
-        """A finished request: decode seconds after its first token, and the tokens after it."""
+    def record(self, task: tuple, depth: int, seconds: float, tokens: int) -> None:
+        """A finished request: its depth, decode seconds after its first token, the tokens after it."""
         if tokens <= 0:
             return
         with self._lock:
-            t = self._tasks.setdefault(task, _Task())
-            (t.drafted if drafted else t.plain).runs.append((seconds, tokens))
+            self._tasks.setdefault(task, _Task()).at(depth).runs.append((seconds, tokens))
 
-    def seconds_per_token(self, task: tuple) -> tuple[float | None, float | None]:
-        """(plain, speculative) for `task`, None where not yet measured."""
+    def seconds_per_token(self, task: tuple) -> dict[int, float | None]:
+        """Per depth tried for `task`: its figure, None where not yet measured."""
         with self._lock:
             t = self._tasks.get(task, _Task())
-            return t.plain.seconds_per_token, t.drafted.seconds_per_token
+            return {k: r.seconds_per_token for k, r in sorted(t.by_depth.items())}
+
+    def measured(self, task: tuple) -> dict[int, int]:
+        """Per depth tried for `task`: the requests its figure is made of."""
+        with self._lock:
+            t = self._tasks.get(task, _Task())
+            return {k: len(r.runs) for k, r in sorted(t.by_depth.items())}

@@ -18,8 +18,8 @@ while each draft's probability reaches DRAFT_MIN_PROB. One main forward over
 same rules plain greedy decoding applies one step at a time (the minimum length
 included), so the output is token-for-token that of plain greedy decoding. Where the
 caller keeps a `DraftPolicy` (a Captioner does; mm/draft_policy.py) and `draft_tokens` is
-not given, a task drafts only while drafting has measured faster per token than plain
-decoding on this machine.
+not given, each task drafts as deep as has measured fastest per token on this machine:
+not at all, the trained chain, or twice it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 
 import lm
 from mm.confidence import confidence
-from mm.draft_policy import DraftPolicy
+from mm.draft_policy import MAX_DRAFTS, DraftPolicy
 from mm.sampling import Sampler, process
 
 
@@ -111,7 +111,7 @@ class GenerationConfig:
         "top_k": Limit(0),
         "repetition_penalty": Limit(0, 100, lo_open=True),
         "length_penalty": Limit(-100, 100),
-        "draft_tokens": Limit(1, 8),
+        "draft_tokens": Limit(1, MAX_DRAFTS),
         "seed": Limit(0, 2**64 - 1),
     }
 
@@ -175,6 +175,7 @@ class GenerationStats:
     drafts: int = 0
     accepted: int = 0
     speculative: bool = False
+    depth: int = 0  # the most drafts a round could chain (0: no drafting; the deepest over folded calls)
     expert_load: list = field(default_factory=list)  # [moe layer][expert] tokens routed
     confidence: list = field(default_factory=list)  # per sequence, in order (mm/confidence.py)
 
@@ -183,6 +184,7 @@ class GenerationStats:
         for name in ("prefill_s", "decode_s", "new_tokens", "rows", "forwards", "drafts", "accepted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.speculative = self.speculative or other.speculative
+        self.depth = max(self.depth, other.depth)
         if not self.expert_load:
             self.expert_load = [list(layer) for layer in other.expert_load]
         else:
@@ -240,11 +242,12 @@ class _Session:
 class _Drafter:
     """MTP self-speculation for one row: proposes a chain of drafts each round (the module
     over the main model's last hidden state, then over its own), stopping at `depth` drafts
-    or after a draft whose probability is below DRAFT_MIN_PROB: the drafts after it are
-    unlikely to be accepted, and each chained step costs a fraction of a main forward."""
+    or after a draft whose probability is below DRAFT_MIN_PROB (the drafts after it are
+    unlikely to be accepted, and each chained step costs a fraction of a main forward) or
+    after a drafted <eos> (nothing after it is ever emitted)."""
 
-    def __init__(self, session: _Session, first: int, depth: int):
-        self.s, self.dec, self.depth = session, session.dec, depth
+    def __init__(self, session: _Session, first: int, depth: int, eos_id: int):
+        self.s, self.dec, self.depth, self.eos_id = session, session.dec, depth, eos_id
         # The first round covers the whole prefix: position i sees h_i and the embedding of token i+1.
         self.hidden = session.out.hidden
         self.ahead = torch.cat([session.embeds[:, 1:], self.dec.embed(self._ids([first]))], 1)
@@ -259,7 +262,7 @@ class _Drafter:
         self.chained = 0
         while True:  # the first draft always: verifying two tokens costs little more than one
             drafts.append(int(d.tokens[0]))
-            if len(drafts) == self.depth or float(d.probs[0]) < DRAFT_MIN_PROB:
+            if len(drafts) == self.depth or drafts[-1] == self.eos_id or float(d.probs[0]) < DRAFT_MIN_PROB:
                 break
             d = self.dec.draft(d.hidden[:, -1:], self._ids(drafts[-1:]), self.s.cache, committed + self.chained)
             self.chained += 1
@@ -283,26 +286,26 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
     One loop for plain and speculative decoding: a speculative step feeds the last token
     with the drafts proposed for after it, and keeps the ones the sampler accepts (greedy,
     so the tokens are plain greedy's). `decoder`: an `lm.Decoder` of model.lm (built here
-    when None) or an `lm.Reference`. `policy` (a Captioner keeps one) decides whether a
-    speculative request without `draft_tokens` drafts, and learns from the timing of every
-    single-row request; without one, speculation always drafts. The tokens leaving the
-    device are a step's host sync.
+    when None) or an `lm.Reference`. `policy` (a Captioner keeps one) chooses how deep a
+    speculative request without `draft_tokens` drafts (0: not at all) and learns from the
+    timing of every single-row request; without one, speculation drafts the trained chain.
+    The tokens leaving the device are a step's host sync.
     """
     decoder = decoder if decoder is not None else lm.Decoder(model.lm)
     speculative = gen.uses_speculation(model)
     if speculative and images.shape[0] != 1:
         raise ValueError("speculative streaming takes one image at a time")
-    depth = gen.drafts(model) if speculative else 0
-    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + depth + 1, stats)
     task = tuple(prefix_ids[0].tolist())
     policy = policy if prefix_ids.shape[0] == 1 else None
-    if speculative and gen.draft_tokens is None and policy is not None:
-        speculative = policy.speculate(task)  # a depth asked for drafts on every request
+    depth = gen.drafts(model) if speculative else 0
+    if speculative and gen.draft_tokens is None and policy is not None:  # (a depth asked for is used as is)
+        depth = policy.depth(task, depth)
+    s = _Session(model, decoder, images, prefix_ids, prefix_ids.shape[1] + gen.max_new_tokens + depth + 1, stats)
     sampler = Sampler(gen, eos_id, prefix_ids.shape[0], prefix_ids.device)
     t0 = time.perf_counter()
     fed, new = sampler.next(s.out.logits[:, -1])
-    drafter = _Drafter(s, new[0][0], depth) if speculative else None
-    stats.speculative, produced = speculative, 0
+    drafter = _Drafter(s, new[0][0], depth, eos_id) if depth else None
+    stats.speculative, stats.depth, produced = drafter is not None, depth, 0
     while True:
         yield new
         stats.new_tokens += sum(map(len, new))
@@ -322,7 +325,7 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
         new = [kept]
     stats.decode_s = time.perf_counter() - t0
     if policy is not None and not (speculative and gen.draft_tokens is not None):
-        policy.record(task, speculative, stats.decode_s, produced - 1)
+        policy.record(task, depth, stats.decode_s, produced - 1)
     s.finish(sampler.mean_logprob())
 
 

@@ -2,47 +2,54 @@
 
 import pytest
 
-from mm.draft_policy import MIN_REQUESTS, RETRY_EVERY, WINDOW, DraftPolicy
+from mm.draft_policy import MAX_DRAFTS, MIN_REQUESTS, RETRY_EVERY, WINDOW, DraftPolicy, depths
+from mm.generate import GenerationConfig
 from train.data.scenes import render, sample_rng, sample_scene
 
 TASK = (1, 2, 3)
 
 
-def feed(policy, drafted_s, plain_s, n=MIN_REQUESTS):
+def feed(policy, seconds_by_depth, n=MIN_REQUESTS):
     for _ in range(n):
-        policy.record(TASK, True, drafted_s * 10, 10)
-        policy.record(TASK, False, plain_s * 10, 10)
+        for depth, seconds in seconds_by_depth.items():
+            policy.record(TASK, depth, seconds * 10, 10)
 
 
-def test_alternates_until_both_sides_are_measured():
+def test_the_depths_tried():
+    assert depths(4) == (4, 0, 8) and depths(1) == (1, 0, 2) and depths(6) == (6, 0, 8) and depths(8) == (8, 0)
+    assert GenerationConfig.LIMITS["draft_tokens"].hi == MAX_DRAFTS
+
+
+def test_each_depth_is_measured_before_one_is_chosen():
     p = DraftPolicy()
     choices = []
-    for _ in range(2 * MIN_REQUESTS):
-        drafted = p.speculate(TASK)
-        choices.append(drafted)
-        p.record(TASK, drafted, 1.0, 10)
-    assert choices == [True, False] * MIN_REQUESTS
-    assert p.seconds_per_token(TASK) == (pytest.approx(0.1), pytest.approx(0.1))
+    for _ in range(3 * MIN_REQUESTS):
+        k = p.depth(TASK, 4)
+        choices.append(k)
+        p.record(TASK, k, 1.0, 10)
+    assert choices == [4, 0, 8] * MIN_REQUESTS
+    assert p.seconds_per_token(TASK) == {0: pytest.approx(0.1), 4: pytest.approx(0.1), 8: pytest.approx(0.1)}
 
 
-@pytest.mark.parametrize("drafted_s, plain_s, want", [(1.0, 2.0, True), (2.0, 1.0, False)])
-def test_takes_the_faster_side_and_retries_the_other(drafted_s, plain_s, want):
+@pytest.mark.parametrize("fastest", [0, 4, 8])
+def test_takes_the_fastest_depth_and_retries_the_others(fastest):
     p = DraftPolicy()
-    feed(p, drafted_s, plain_s)
-    choices = [p.speculate(TASK) for _ in range(2 * RETRY_EVERY)]
-    assert choices.count(not want) == 2  # once every RETRY_EVERY requests, to keep its figure fresh
-    assert all(c == want for i, c in enumerate(choices, 1) if i % RETRY_EVERY)
-    assert p.speculate((9,)) is True  # another task starts over
+    feed(p, {k: (1.0 if k == fastest else 2.0) for k in (0, 4, 8)})
+    choices = [p.depth(TASK, 4) for _ in range(2 * RETRY_EVERY)]
+    others = [c for i, c in enumerate(choices, 1) if i % RETRY_EVERY == 0]
+    assert sorted(others) == sorted(k for k in (0, 4, 8) if k != fastest)  # in turn, to keep their figures fresh
+    assert all(c == fastest for i, c in enumerate(choices, 1) if i % RETRY_EVERY)
+    assert p.depth((9,), 4) == 4  # another task starts over, at the trained depth
 
 
 def test_figures_are_tokens_weighted_over_a_window():
     p = DraftPolicy()
     for seconds, tokens in [(1.0, 1), (1.0, 9), (3.0, 10)]:
-        p.record(TASK, False, seconds, tokens)
-    p.record(TASK, False, 5.0, 0)  # a request that decoded nothing after its first token: no figure
+        p.record(TASK, 0, seconds, tokens)
+    p.record(TASK, 0, 5.0, 0)  # a request that decoded nothing after its first token: no figure
     assert p.seconds_per_token(TASK)[0] == pytest.approx(5.0 / 20)
     for _ in range(WINDOW):
-        p.record(TASK, False, 1.0, 1)
+        p.record(TASK, 0, 1.0, 1)
     assert p.seconds_per_token(TASK)[0] == pytest.approx(1.0)
 
 
@@ -53,21 +60,20 @@ def bundled():
     return Captioner.from_pretrained(None, device="cpu")
 
 
-def test_the_captioner_drafts_only_where_it_measured_faster(bundled):
-    from mm.draft_policy import DraftPolicy
-
+def test_the_captioner_drafts_as_deep_as_measured_fastest(bundled):
     image = render(sample_scene(sample_rng("test", 31, 0)))
     task = tuple(bundled.prefix("describe")[0].tolist())
     plain = bundled.run(image, task="describe")
     try:
-        for drafted_s, plain_s, want in [(1.0, 2.0, True), (2.0, 1.0, False)]:
+        for fastest in (0, 4, 8):
             bundled.draft_policy = DraftPolicy()
             for _ in range(MIN_REQUESTS):
-                bundled.draft_policy.record(task, True, drafted_s, 1)
-                bundled.draft_policy.record(task, False, plain_s, 1)
+                for k in (0, 4, 8):
+                    bundled.draft_policy.record(task, k, 1.0 if k == fastest else 2.0, 1)
             got = bundled.run(image, task="describe", speculative=True)
-            assert got.stats.speculative is want and (got.stats.drafts > 0) is want
-            assert got.texts == plain.texts
+            assert got.stats.speculative is (fastest > 0) and got.texts == plain.texts
+            rounds = got.stats.forwards
+            assert got.stats.drafts <= fastest * rounds and (fastest <= 4 or got.stats.drafts > 4 * rounds)
             # a depth asked for drafts whatever the policy says
             assert bundled.run(image, task="describe", speculative=True, draft_tokens=2).stats.drafts > 0
         bundled.draft_policy = None  # no policy: speculation always drafts
@@ -77,19 +83,20 @@ def test_the_captioner_drafts_only_where_it_measured_faster(bundled):
 
 
 def test_every_single_image_request_is_measured(bundled):
-    from mm.draft_policy import DraftPolicy
-
     bundled.draft_policy = policy = DraftPolicy()
     image = render(sample_scene(sample_rng("test", 31, 1)))
     task = tuple(bundled.prefix("caption")[0].tolist())
-    runs = [bundled.run(image, speculative=s) for s in (True, False, True, False, True, False)]
-    assert [r.stats.speculative for r in runs] == [True, False] * 3  # alternating while measuring
-    plain_s, drafted_s = policy.seconds_per_token(task)
+    runs = [bundled.run(image, speculative=True) for _ in range(3 * MIN_REQUESTS)]
+    assert [r.stats.speculative for r in runs] == [True, False, True] * MIN_REQUESTS  # depths 4, 0, 8 in turn
+    figures = policy.seconds_per_token(task)
     tokens = runs[1].stats.new_tokens - 1  # after the first token, which the prefill gives
-    assert plain_s == pytest.approx(sum(r.stats.decode_s for r in runs[1::2]) / (3 * tokens))
-    assert drafted_s == pytest.approx(sum(r.stats.decode_s for r in runs[0::2]) / (3 * tokens))
+    for k, first in ((4, 0), (0, 1), (8, 2)):
+        assert figures[k] == pytest.approx(sum(r.stats.decode_s for r in runs[first::3]) / (MIN_REQUESTS * tokens))
     bundled.run([image, image], speculative=False)  # a batch: its rows' cost is not one request's
-    assert policy.seconds_per_token(task) == (plain_s, drafted_s)
+    bundled.run(image, speculative=True, draft_tokens=3)  # a depth asked for is not one the policy chose
+    assert policy.seconds_per_token(task) == figures
+    bundled.run(image, speculative=False)  # a plain request counts for depth 0
+    assert policy.measured(task) == {0: MIN_REQUESTS + 1, 4: MIN_REQUESTS, 8: MIN_REQUESTS}
 
 
 def test_a_batch_decodes_together_unless_a_depth_is_asked_for(bundled):

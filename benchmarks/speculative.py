@@ -1,21 +1,23 @@
 """MTP self-speculative decoding vs plain greedy, per task.
 
-Decodes the same images one at a time both ways (interleaved, so machine noise hits
-both alike), checks the outputs are identical, and reports per task the draft
-acceptance, drafts per round, tokens per forward and the wall-clock speed-up (median of
-per-image ratios; the plain baseline runs in the same process, image by image).
+Decodes the same images one at a time both ways (interleaved, each way first on every
+other image, so machine noise and order hit both alike), checks the outputs are identical,
+and reports per task the draft acceptance, drafts per round, tokens per forward and the
+wall-clock speed-up (median of per-image ratios; the plain baseline runs in the same
+process, image by image).
 
 The speculative side is what a Captioner does by default: its DraftPolicy drafts for a task
 as deep as has measured fastest per token there (0, the trained chain or twice it;
-mm/draft_policy.py), trying each depth on a task's first requests, so `depths` counts the
-measured requests per depth (after the warm-up's three). `--draft-tokens N` drafts N deep
+mm/draft_policy.py), trying each depth on a task's first requests (8 of them for the bundled
+model here, where the plain side's runs count for depth 0), so `requests by depth` counts
+the measured requests per depth; `--warmup 10` leaves that exploration out of the figures. `--draft-tokens N` drafts N deep
 on every request instead. `--costs` also times the decoder's entry points on one image per
 task (a main step over 1 and over depth + 1 tokens, one draft step) and prints what a
 round of drafts costs in plain steps: the speed-up decoding could reach if those were all
 it cost.
 
     python benchmarks/speculative.py [--checkpoint DIR] [--n 40] [--tasks describe ...] [--compile]
-        [--draft-tokens N] [--draft-min-prob P] [--costs]
+        [--draft-tokens N] [--draft-min-prob P] [--warmup 3] [--costs]
 """
 
 from __future__ import annotations
@@ -33,25 +35,26 @@ from mm.generate import GenerationConfig, GenerationStats
 from train.data.scenes import render, sample_rng, sample_scene
 
 
-def measure(cap: Captioner, images, task: str, spec: dict) -> dict:
+def measure(cap: Captioner, images, task: str, spec: dict, warmup: int) -> dict:
     """Plain and speculative decoding of each image in turn; medians and the median ratio."""
-    for img in images[:3]:  # warm-up (a compiled step compiles the shapes this task uses)
+    for img in (images * warmup)[:warmup]:  # a compiled step compiles the shapes this task uses; the policy explores
         cap.run(img, task=task, speculative=False)
         cap.run(img, task=task, **spec)
     ratios, plain_t, spec_t, depths = [], [], [], {}
     plain_stats, spec_stats = GenerationStats(), GenerationStats()
     mismatches = 0
-    for img in images:
-        t0 = time.perf_counter()
-        a = cap.run(img, task=task, speculative=False)
-        t1 = time.perf_counter()
-        b = cap.run(img, task=task, **spec)
-        t2 = time.perf_counter()
+    for i, img in enumerate(images):
+        runs = {}
+        for side in ((False, True) if i % 2 == 0 else (True, False)):  # each side first on every other image
+            t0 = time.perf_counter()
+            result = cap.run(img, task=task, **(spec if side else {"speculative": False}))
+            runs[side] = result, time.perf_counter() - t0
+        (a, a_s), (b, b_s) = runs[False], runs[True]
         mismatches += a.texts != b.texts
         depths[b.stats.depth] = depths.get(b.stats.depth, 0) + 1
-        plain_t.append(t1 - t0)
-        spec_t.append(t2 - t1)
-        ratios.append((t1 - t0) / (t2 - t1))
+        plain_t.append(a_s)
+        spec_t.append(b_s)
+        ratios.append(a_s / b_s)
         plain_stats.add(a.stats)
         spec_stats.add(b.stats)
     rounds = spec_stats.forwards
@@ -107,6 +110,7 @@ def main():
                     help="most drafts per verification (chained MTP; default: the model's trained depth)")
     ap.add_argument("--draft-min-prob", type=float, default=None,
                     help=f"the chain stops after a draft below this probability (default {mm.generate.DRAFT_MIN_PROB})")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured requests per task and side first")
     ap.add_argument("--costs", action="store_true", help="also time the decoder's entry points (see above)")
     args = ap.parse_args()
     if args.threads:
@@ -118,7 +122,7 @@ def main():
     spec = {"speculative": True, "draft_tokens": args.draft_tokens}
     rows = []
     for task in args.tasks or cap.tasks:
-        r = measure(cap, images, task, spec)
+        r = measure(cap, images, task, spec, args.warmup)
         if args.costs:
             r["costs"] = entry_point_costs(cap, images[0], task, GenerationConfig(draft_tokens=args.draft_tokens)
                                            .drafts(cap.model))
@@ -128,7 +132,7 @@ def main():
               f"{r['tokens_per_forward_speculative']}, median {r['median_ms_plain']} ms -> "
               f"{r['median_ms_speculative']} ms (speed-up {r['speedup_median']}x), identical: "
               f"{r['identical_outputs']}" + (f", costs {r['costs']}" if args.costs else ""), flush=True)
-    print(json.dumps({"bench": "speculative", "n": args.n, "threads": torch.get_num_threads(),
+    print(json.dumps({"bench": "speculative", "n": args.n, "warmup": args.warmup, "threads": torch.get_num_threads(),
                       "compiled": args.compile, "draft_min_prob": mm.generate.DRAFT_MIN_PROB,
                       "draft_tokens": GenerationConfig(draft_tokens=args.draft_tokens).drafts(cap.model),
                       "tasks": rows}))

@@ -17,24 +17,32 @@ So the policy measures the outcome itself. It chooses, per task (prompt), how ma
 round may chain: 0 (plain decoding), the depth the MTP module was trained to chain, or
 twice that (up to MAX_DRAFTS; a module trained to chain 4 often chains well past 4, and a
 longer chain saves rounds); the chain still stops at an unlikely draft or a drafted <eos>.
-For each depth it keeps the decode seconds and the tokens decoded of the task's recent
-requests (every single-image request without drafts counts for depth 0), and takes the
-depth that has cost the least per token. Composing that figure from timed parts instead
-(step costs by token count, draft cost, acceptance per chain position) was tried: single
-timings on a shared CPU vary by tens of percent, and the estimates flipped the choice on
-noise. Until each depth has `MIN_REQUESTS` requests the policy takes the least measured;
+It keeps the decode seconds and the tokens decoded of each depth's recent requests (every
+single-image request without drafts counts for depth 0). Plain decoding costs about the
+same per token whatever the length, so its seconds per token price any request plainly;
+a drafting request's speed-up is that price of its tokens over its own seconds (so a
+depth is not judged by the lengths of the images it happened to get: a short caption
+pays the prompt's MTP pass over fewer tokens). Those speed-ups vary by tens of percent
+from request to request (lengths, and timings on a shared machine), so the policy judges
+a depth by its mean less one standard error of that mean: it drafts at the depth where
+that bound is highest if the bound is above 1, and otherwise decodes plainly. A depth
+that is clearly faster is taken after a few requests; one within noise of plain
+decoding (a short output) is not taken on luck. Composing the figures from timed parts instead (step costs by token
+count, draft cost, acceptance per chain position) was tried and flipped on that noise.
+Until each depth has `MIN_REQUESTS` requests the policy takes the least measured;
 afterwards, on every `RETRY_EVERY`-th request, another depth in turn, so the figures
 follow a machine whose load changes.
 """
 
 from __future__ import annotations
 
+import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 
 MAX_DRAFTS = 8  # GenerationConfig's limit on draft_tokens
-MIN_REQUESTS = 3  # per depth, before the fastest is chosen
+MIN_REQUESTS = 4  # per depth, before one is chosen
 WINDOW = 16  # recent requests kept per depth
 RETRY_EVERY = 32  # another depth runs on every this many requests of a task
 
@@ -45,30 +53,33 @@ def depths(trained: int) -> tuple[int, ...]:
 
 
 @dataclass
-class _Runs:
-    """Recent (seconds, tokens decoded) at one depth."""
-
-    runs: deque = field(default_factory=lambda: deque(maxlen=WINDOW))
-
-    @property
-    def seconds_per_token(self) -> float | None:
-        tokens = sum(n for _, n in self.runs)
-        return sum(s for s, _ in self.runs) / tokens if tokens and len(self.runs) >= MIN_REQUESTS else None
-
-
-@dataclass
 class _Task:
-    by_depth: dict = field(default_factory=dict)  # depth -> _Runs
+    runs: dict = field(default_factory=dict)  # depth -> deque of (seconds, tokens decoded)
     requests: int = 0
 
-    def at(self, depth: int) -> _Runs:
-        return self.by_depth.setdefault(depth, _Runs())
+    def at(self, depth: int) -> deque:
+        return self.runs.setdefault(depth, deque(maxlen=WINDOW))
+
+    def plain_seconds_per_token(self) -> float | None:
+        plain = self.at(0)
+        return sum(s for s, _ in plain) / sum(n for _, n in plain) if len(plain) >= MIN_REQUESTS else None
+
+    def speedup(self, depth: int) -> tuple[float, float] | None:
+        """Over `depth`'s recent requests, the mean of (their tokens at the plain price) / (their
+        seconds) and the standard error of that mean; None while too few are measured."""
+        price, runs = self.plain_seconds_per_token(), self.at(depth)
+        if depth == 0:
+            return None if price is None else (1.0, 0.0)
+        if price is None or len(runs) < MIN_REQUESTS:
+            return None
+        ratios = [n * price / s for s, n in runs]
+        return statistics.fmean(ratios), statistics.stdev(ratios) / len(ratios) ** 0.5
 
 
 class DraftPolicy:
-    """How many drafts a round may chain, per task, from the measured seconds per token of each
-    depth (see the module docstring). Shared by every request on a decoder (a Captioner keeps
-    one); thread-safe."""
+    """How many drafts a round may chain, per task, from the measured speed-up of each depth
+    over plain decoding and how sure it is (see the module docstring). Shared by every request on a decoder (a
+    Captioner keeps one); thread-safe."""
 
     def __init__(self):
         self._tasks: dict[tuple, _Task] = {}
@@ -80,11 +91,13 @@ class DraftPolicy:
         with self._lock:
             t = self._tasks.setdefault(task, _Task())
             t.requests += 1
-            figures = {k: t.at(k).seconds_per_token for k in options}
-            unmeasured = [k for k in options if figures[k] is None]
+            speedups = {k: t.speedup(k) for k in options}
+            unmeasured = [k for k in options if speedups[k] is None]
             if unmeasured:
-                return min(unmeasured, key=lambda k: len(t.at(k).runs))
-            best = min(options, key=figures.get)
+                return min(unmeasured, key=lambda k: len(t.at(k)))
+            bounds = {k: mean - se for k, (mean, se) in speedups.items()}
+            best = max(options, key=bounds.get)
+            best = best if bounds[best] > 1.0 else 0
             if t.requests % RETRY_EVERY:
                 return best
             others = [k for k in options if k != best]
@@ -92,19 +105,20 @@ class DraftPolicy:
 
     def record(self, task: tuple, depth: int, seconds: float, tokens: int) -> None:
         """A finished request: its depth, decode seconds after its first token, the tokens after it."""
-        if tokens <= 0:
+        if tokens <= 0 or seconds <= 0:
             return
         with self._lock:
-            self._tasks.setdefault(task, _Task()).at(depth).runs.append((seconds, tokens))
+            self._tasks.setdefault(task, _Task()).at(depth).append((seconds, tokens))
 
-    def seconds_per_token(self, task: tuple) -> dict[int, float | None]:
-        """Per depth tried for `task`: its figure, None where not yet measured."""
+    def speedups(self, task: tuple) -> dict[int, tuple[float, float] | None]:
+        """Per depth tried for `task`: its measured speed-up over plain decoding and the standard
+        error of it, None while unmeasured."""
         with self._lock:
             t = self._tasks.get(task, _Task())
-            return {k: r.seconds_per_token for k, r in sorted(t.by_depth.items())}
+            return {k: t.speedup(k) for k in sorted(t.runs)}
 
     def measured(self, task: tuple) -> dict[int, int]:
         """Per depth tried for `task`: the requests its figure is made of."""
         with self._lock:
             t = self._tasks.get(task, _Task())
-            return {k: len(r.runs) for k, r in sorted(t.by_depth.items())}
+            return {k: len(r) for k, r in sorted(t.runs.items())}

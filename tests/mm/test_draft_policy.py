@@ -9,9 +9,9 @@ from train.data.scenes import render, sample_rng, sample_scene
 TASK = (1, 2, 3)
 
 
-def feed(policy, seconds_by_depth, n=MIN_REQUESTS):
+def feed(policy, seconds_per_token, n=MIN_REQUESTS):
     for _ in range(n):
-        for depth, seconds in seconds_by_depth.items():
+        for depth, seconds in seconds_per_token.items():
             policy.record(TASK, depth, seconds * 10, 10)
 
 
@@ -28,7 +28,8 @@ def test_each_depth_is_measured_before_one_is_chosen():
         choices.append(k)
         p.record(TASK, k, 1.0, 10)
     assert choices == [4, 0, 8] * MIN_REQUESTS
-    assert p.seconds_per_token(TASK) == {0: pytest.approx(0.1), 4: pytest.approx(0.1), 8: pytest.approx(0.1)}
+    assert p.speedups(TASK) == {0: (1.0, 0.0), 4: pytest.approx((1.0, 0.0)), 8: pytest.approx((1.0, 0.0))}
+    assert p.depth(TASK, 4) == 0  # no depth measured faster than plain decoding
 
 
 @pytest.mark.parametrize("fastest", [0, 4, 8])
@@ -42,15 +43,36 @@ def test_takes_the_fastest_depth_and_retries_the_others(fastest):
     assert p.depth((9,), 4) == 4  # another task starts over, at the trained depth
 
 
-def test_figures_are_tokens_weighted_over_a_window():
+def test_a_depth_is_taken_when_faster_beyond_its_noise():
+    """Mean speed-up less one standard error: 1.1x with requests at 0.6x and 1.6x is noise,
+    1.1x with requests at 1.08x and 1.12x is not."""
     p = DraftPolicy()
-    for seconds, tokens in [(1.0, 1), (1.0, 9), (3.0, 10)]:
-        p.record(TASK, 0, seconds, tokens)
+    feed(p, {0: 1.0, 8: 2.0})
+    for ratio in (0.6, 1.6, 0.6, 1.6):
+        p.record(TASK, 4, 10 / ratio, 10)  # 10 tokens at the plain price of 1 s each, in 10/ratio seconds
+    mean, se = p.speedups(TASK)[4]
+    assert mean == pytest.approx(1.1) and se == pytest.approx(0.5 / 4**0.5 * 2 / 3**0.5, rel=1e-6)
+    assert p.depth(TASK, 4) == 0
+    for ratio in (1.08, 1.12) * (WINDOW // 2):
+        p.record(TASK, 4, 10 / ratio, 10)
+    assert p.speedups(TASK)[4][0] == pytest.approx(1.1) and p.depth(TASK, 4) == 4
+
+
+def test_a_depth_is_judged_per_request_against_the_plain_price():
+    """Each request's tokens priced at plain decoding's seconds per token, over its own seconds:
+    a depth that happened to get short outputs (whose fixed cost weighs more) is not judged
+    by their total alone."""
+    p = DraftPolicy()
+    for seconds, tokens in [(1.0, 10), (3.0, 30), (2.0, 20), (4.0, 40)]:
+        p.record(TASK, 0, seconds, tokens)  # 0.1 s a token whatever the length
+    for seconds, tokens in [(0.5, 10), (2.0, 40), (1.0, 5), (0.4, 8)]:
+        p.record(TASK, 4, seconds, tokens)
+    assert p.speedups(TASK)[4][0] == pytest.approx((2.0 + 2.0 + 0.5 + 2.0) / 4)
     p.record(TASK, 0, 5.0, 0)  # a request that decoded nothing after its first token: no figure
-    assert p.seconds_per_token(TASK)[0] == pytest.approx(5.0 / 20)
+    assert p.measured(TASK) == {0: 4, 4: 4}
     for _ in range(WINDOW):
-        p.record(TASK, 0, 1.0, 1)
-    assert p.seconds_per_token(TASK)[0] == pytest.approx(1.0)
+        p.record(TASK, 0, 0.2, 1)
+    assert p.speedups(TASK)[4][0] == pytest.approx(2 * (2.0 + 2.0 + 0.5 + 2.0) / 4)  # only the window counts
 
 
 @pytest.fixture(scope="module")
@@ -87,14 +109,15 @@ def test_every_single_image_request_is_measured(bundled):
     image = render(sample_scene(sample_rng("test", 31, 1)))
     task = tuple(bundled.prefix("caption")[0].tolist())
     runs = [bundled.run(image, speculative=True) for _ in range(3 * MIN_REQUESTS)]
-    assert [r.stats.speculative for r in runs] == [True, False, True] * MIN_REQUESTS  # depths 4, 0, 8 in turn
-    figures = policy.seconds_per_token(task)
-    tokens = runs[1].stats.new_tokens - 1  # after the first token, which the prefill gives
-    for k, first in ((4, 0), (0, 1), (8, 2)):
-        assert figures[k] == pytest.approx(sum(r.stats.decode_s for r in runs[first::3]) / (MIN_REQUESTS * tokens))
+    assert [r.stats.depth for r in runs] == [4, 0, 8] * MIN_REQUESTS  # in turn while measuring
+    price = sum(r.stats.decode_s for r in runs[1::3]) / sum(r.stats.new_tokens - 1 for r in runs[1::3])
+    speedups = policy.speedups(task)
+    for k, first in ((4, 0), (8, 2)):  # tokens after the first (which the prefill gives) at the plain price
+        want = sum((r.stats.new_tokens - 1) * price / r.stats.decode_s for r in runs[first::3]) / MIN_REQUESTS
+        assert speedups[k][0] == pytest.approx(want)
     bundled.run([image, image], speculative=False)  # a batch: its rows' cost is not one request's
     bundled.run(image, speculative=True, draft_tokens=3)  # a depth asked for is not one the policy chose
-    assert policy.seconds_per_token(task) == figures
+    assert policy.speedups(task) == speedups
     bundled.run(image, speculative=False)  # a plain request counts for depth 0
     assert policy.measured(task) == {0: MIN_REQUESTS + 1, 4: MIN_REQUESTS, 8: MIN_REQUESTS}
 

@@ -12,9 +12,9 @@ mm/draft_policy.py), trying each depth on a task's first requests (8 of them for
 model here, where the plain side's runs count for depth 0), so `requests by depth` counts
 the measured requests per depth; `--warmup 10` leaves that exploration out of the figures. `--draft-tokens N` drafts N deep
 on every request instead. `--costs` also times the decoder's entry points on one image per
-task (a main step over 1 and over depth + 1 tokens, one draft step) and prints what a
-round of drafts costs in plain steps: the speed-up decoding could reach if those were all
-it cost.
+task (a main step over 1 and over depth + 1 tokens, one draft step; depth: --draft-tokens,
+else the deepest the policy tries) and prints what a round of drafts costs in plain steps:
+the speed-up decoding could reach if every draft were accepted and those were all it cost.
 
     python benchmarks/speculative.py [--checkpoint DIR] [--n 40] [--tasks describe ...] [--compile]
         [--draft-tokens N] [--draft-min-prob P] [--warmup 3] [--costs]
@@ -31,6 +31,7 @@ import torch
 
 import mm.generate
 from mm.captioner import Captioner
+from mm.draft_policy import depths
 from mm.generate import GenerationConfig, GenerationStats
 from train.data.scenes import render, sample_rng, sample_scene
 
@@ -124,8 +125,8 @@ def main():
     for task in args.tasks or cap.tasks:
         r = measure(cap, images, task, spec, args.warmup)
         if args.costs:
-            r["costs"] = entry_point_costs(cap, images[0], task, GenerationConfig(draft_tokens=args.draft_tokens)
-                                           .drafts(cap.model))
+            trained = GenerationConfig(draft_tokens=args.draft_tokens).drafts(cap.model)
+            r["costs"] = entry_point_costs(cap, images[0], task, args.draft_tokens or max(depths(trained)))
         rows.append(r)
         print(f"{task}: requests by depth {r['requests_by_depth']}, acceptance {r['acceptance']:.3f}, drafts/round "
               f"{r['drafts_per_round']}, tokens/forward {r['tokens_per_forward_plain']} -> "

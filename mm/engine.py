@@ -19,8 +19,9 @@ never dropping a request silently. At each step boundary the loop
 A row's tokens are exactly what `Captioner.caption` gives for the same image and options:
 the same prefill, the same decode forward and the same choice functions (mm/generate.py),
 only batched. A speculative (MTP) request runs with its drafts while it is the only request
-(a lone user gets the speculative speed-up) and otherwise as a plain greedy row, which
-speculation reproduces token for token anyway; in a shared batch drafts only add work.
+(a lone user gets the speculative speed-up, as deep as the captioner's DraftPolicy has
+found fastest for its task) and otherwise as a plain greedy row, which speculation
+reproduces token for token anyway; in a shared batch drafts only add work.
 Each request gets its own stats, expert load included, from the per-row routing counts
 that every forward returns.
 

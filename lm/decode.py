@@ -128,7 +128,9 @@ class _Attention:
             self.b_a = torch.cat([zeros[: n_heads * nope], bkv_a[:rank], zeros[: n_heads * rope],
                                   bkv_a[rank:]]).detach().to(dtype)
 
-    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound):
+    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound, last_only: bool = False):
+        """Writes every new token's latent and rope key to the cache; attends for every new
+        token, or (last_only) for the last one alone."""
         b, t, _ = x.shape
         n_heads, rank, rope, nope = self.n_heads, self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
         if self.q_lora_rank:
@@ -140,6 +142,8 @@ class _Attention:
             q_nope, kv, pe = F.linear(x, self.w_a, self.b_a).split([n_heads * nope, rank, (n_heads + 1) * rope], -1)
         pe = rotate(pe.view(b, t, n_heads + 1, rope), c, s)  # the heads' rope queries and the shared rope key
         buf.index_put_((rows, positions), torch.cat([rms_norm(kv, self.kv_norm, LATENT_EPS), pe[:, :, n_heads]], -1))
+        if last_only:
+            q_nope, pe, mask_bias, t = q_nope[:, -1:], pe[:, -1:], mask_bias[:, -1:], 1
         if t > self.expand_from:
             return self._expanded(q_nope, pe, buf[:, :bound], mask_bias)
         # eq. 2: W^UK_i^T q^C_{t,i}, each head's query in latent space
@@ -262,8 +266,11 @@ class _Block:
         self.is_moe = isinstance(block.ffn, MoE)
         self.ffn = _MoE(block.ffn, dtype, gather_limit) if self.is_moe else _MLP(block.ffn, dtype)
 
-    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound, valid=None):
-        x = x + self.attn(rms_norm(x, self.attn_norm, self.eps), c, s, buf, rows, positions, mask_bias, bound)
+    def __call__(self, x, c, s, buf, rows, positions, mask_bias, bound, valid=None, last_only: bool = False):
+        """The block over new tokens x [B, T, D]; last_only: every token's cache entry, but the
+        attention and the FFN (and the output) only for the last token."""
+        a = self.attn(rms_norm(x, self.attn_norm, self.eps), c, s, buf, rows, positions, mask_bias, bound, last_only)
+        x = (x[:, -1:] if last_only else x) + a
         h = rms_norm(x, self.ffn_norm, self.eps)
         if self.is_moe:
             y, counts = self.ffn(h, valid)
@@ -282,11 +289,11 @@ class MTPLayer(NamedTuple):
 
 
 class Draft(NamedTuple):
-    """An MTP step's proposal at its last position, and its hidden states for the next depth."""
+    """An MTP step's proposal at its last position, and its hidden state there for the next depth."""
 
     tokens: torch.Tensor  # [B] the argmax
     probs: torch.Tensor  # [B] its probability, for the draft policy
-    hidden: torch.Tensor  # [B, n, D]
+    hidden: torch.Tensor  # [B, 1, D]: the module's output at the last position
 
 
 COMPILED_TOKENS = 16  # new tokens per row up to which a compiled step runs its graph; more is a prefill
@@ -354,7 +361,7 @@ class DecodeSteps:
         logits, h = self.mtp_step(depth, hidden, ahead, cache, positions,
                                   bound=cache.max_len if compiled else start + n, compiled=compiled)
         probs, tokens = logits[:, -1].float().softmax(-1).max(-1)
-        return Draft(tokens, probs, h)
+        return Draft(tokens, probs, h[:, -1:])
 
 
 class Decoder(DecodeSteps):
@@ -472,8 +479,8 @@ class Decoder(DecodeSteps):
 
     def draft(self, hidden: torch.Tensor, ahead: torch.Tensor, cache: KVCache, start: int,
               depth: int = 1) -> Draft:
-        """As DecodeSteps.draft, in one function (compiled with the main step): the head and
-        the proposal only at the last position."""
+        """As DecodeSteps.draft, in one function (compiled with the main step): every position's
+        cache entry, but the attention, FFN, head and proposal only at the last position."""
         b, n = hidden.shape[:2]
         if not ahead.is_floating_point():
             ahead = self.embed(ahead)
@@ -486,13 +493,14 @@ class Decoder(DecodeSteps):
         fn = self._draft if compiled else self._draft_eager
         return Draft(*fn(depth - 1, hidden, ahead, cache.mtp_layer(depth).buf, rows, positions, slots))
 
-    def _mtp_hidden(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
-        """MTP module i's block output: M(W [enorm(e); hnorm(h)]) at `positions` of its cache."""
+    def _mtp_hidden(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots, last_only: bool = False):
+        """MTP module i's block output: M(W [enorm(e); hnorm(h)]) at `positions` of its cache
+        (last_only: at the last of them, every position's cache entry still written)."""
         m = self.mtp[i]
         c, s, mask_bias = self._prepare(positions, slots)
         x = F.linear(torch.cat([rms_norm(embeds_ahead, m.enorm, self.eps), rms_norm(hidden_prev, m.hnorm, self.eps)],
                                -1), m.eh_proj)
-        h, _ = m.block(x, c, s, buf, rows, positions, mask_bias, slots.shape[0])
+        h, _ = m.block(x, c, s, buf, rows, positions, mask_bias, slots.shape[0], last_only=last_only)
         return h
 
     def _mtp_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
@@ -500,7 +508,9 @@ class Decoder(DecodeSteps):
         return F.linear(rms_norm(h, self.mtp[i].norm, self.eps), self.head), h
 
     def _draft_eager(self, i: int, hidden_prev, embeds_ahead, buf, rows, positions, slots):
-        h = self._mtp_hidden(i, hidden_prev, embeds_ahead, buf, rows, positions, slots)
+        # Only the last position's output is ever read (the proposal, and the next depth's input):
+        # the others need only their cache entries, so their attention and FFN are skipped.
+        h = self._mtp_hidden(i, hidden_prev, embeds_ahead, buf, rows, positions, slots, last_only=True)
         logits = F.linear(rms_norm(h[:, -1], self.mtp[i].norm, self.eps), self.head)
         probs, tokens = logits.float().softmax(-1).max(-1)
         return tokens, probs, h

@@ -264,7 +264,7 @@ class _Drafter:
             drafts.append(int(d.tokens[0]))
             if len(drafts) == self.depth or drafts[-1] == self.eos_id or float(d.probs[0]) < DRAFT_MIN_PROB:
                 break
-            d = self.dec.draft(d.hidden[:, -1:], self._ids(drafts[-1:]), self.s.cache, committed + self.chained)
+            d = self.dec.draft(d.hidden, self._ids(drafts[-1:]), self.s.cache, committed + self.chained)
             self.chained += 1
         return drafts
 

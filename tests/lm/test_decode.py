@@ -175,7 +175,9 @@ def test_entry_points_own_the_compiled_shapes(random_model):
         assert a.logits.shape == b.logits.shape == (3, 3, model.cfg.vocab_size)
         assert (a.logits - b.logits).abs().max() < 1e-4 and (a.hidden - b.hidden).abs().max() < 1e-4
         assert torch.equal(a.counts, b.counts)
-        d = plain.draft(a.hidden, ids[:, 6:], plain.new_cache(3, 20), 6)
-        logits, h = plain.mtp_step(1, a.hidden, plain.embed(ids[:, 6:]), plain.new_cache(3, 20),
-                                   torch.arange(6, 9).expand(3, 3))
-    assert torch.equal(d.tokens, logits[:, -1].argmax(-1)) and (d.hidden - h).abs().max() < 1e-5
+        drafted, stepped = plain.new_cache(3, 20), plain.new_cache(3, 20)
+        d = plain.draft(a.hidden, ids[:, 6:], drafted, 6)
+        logits, h = plain.mtp_step(1, a.hidden, plain.embed(ids[:, 6:]), stepped, torch.arange(6, 9).expand(3, 3))
+    assert torch.equal(d.tokens, logits[:, -1].argmax(-1)) and (d.hidden - h[:, -1:]).abs().max() < 1e-5
+    # draft() attends and runs the FFN for the last position only, yet writes every position's cache entry
+    assert torch.equal(drafted.mtp_layer(1).buf, stepped.mtp_layer(1).buf)

@@ -23,11 +23,11 @@ same per token whatever the length, so its seconds per token price any request p
 a drafting request's speed-up is that price of its tokens over its own seconds (so a
 depth is not judged by the lengths of the images it happened to get: a short caption
 pays the prompt's MTP pass over fewer tokens). Those speed-ups vary by tens of percent
-from request to request (lengths, and timings on a shared machine), so the policy judges
-a depth by its mean less one standard error of that mean: it drafts at the depth where
-that bound is highest if the bound is above 1, and otherwise decodes plainly. A depth
-that is clearly faster is taken after a few requests; one within noise of plain
-decoding (a short output) is not taken on luck. Composing the figures from timed parts instead (step costs by token
+from request to request (lengths, and timings on a shared machine), so the policy drafts
+only at depths whose mean speed-up less one standard error of that mean is above 1, and of
+those at the one with the best mean; with none, it decodes plainly. A depth that is
+clearly faster is taken after a few requests; one within noise of plain decoding (a
+short output) is not taken on luck. Composing the figures from timed parts instead (step costs by token
 count, draft cost, acceptance per chain position) was tried and flipped on that noise.
 Until each depth has `MIN_REQUESTS` requests the policy takes the least measured;
 afterwards, on every `RETRY_EVERY`-th request, another depth in turn, so the figures
@@ -95,9 +95,8 @@ class DraftPolicy:
             unmeasured = [k for k in options if speedups[k] is None]
             if unmeasured:
                 return min(unmeasured, key=lambda k: len(t.at(k)))
-            bounds = {k: mean - se for k, (mean, se) in speedups.items()}
-            best = max(options, key=bounds.get)
-            best = best if bounds[best] > 1.0 else 0
+            sure = [k for k in options if k and speedups[k][0] - speedups[k][1] > 1.0]
+            best = max(sure, key=lambda k: speedups[k][0]) if sure else 0
             if t.requests % RETRY_EVERY:
                 return best
             others = [k for k in options if k != best]

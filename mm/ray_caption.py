@@ -74,7 +74,8 @@ def caption_on_ray(args, job, units) -> list[dict]:
         ray.init(address=args.ray or None, log_to_driver=False)
     try:
         ds = ray.data.from_items([{"unit": i} for i in range(len(units))], override_num_blocks=len(units))
-        ds = ds.map_batches(CaptionActor, batch_size=1, concurrency=args.actors, num_gpus=args.gpus_per_actor,
+        ds = ds.map_batches(CaptionActor, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
+                            num_gpus=args.gpus_per_actor,
                             fn_constructor_kwargs=dict(checkpoint=args.checkpoint, device=args.device,
                                                        dtype=args.dtype, job=job, units=units))
         summaries = []

@@ -256,6 +256,22 @@ def test_finetune_outputs_are_checked_before_loading(micro_copy, tmp_path, monke
     assert flag in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("where", ["read-only", "a file", "under a file", "a folder of something else"])
+def test_train_export_is_checked_before_training(tmp_path, monkeypatch, capsys, where):
+    import train.trainer
+
+    monkeypatch.setattr(train.trainer, "train", lambda *a, **k: pytest.fail("trained before checking --export"))
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    target = {"read-only": READ_ONLY, "a file": str(tmp_path / "f"), "under a file": str(tmp_path / "f" / "out"),
+              "a folder of something else": str(tmp_path / "other")}
+    assert main(["train", "--export", target[where], "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--export" in err and "Traceback" not in err
+    assert (tmp_path / "other" / "notes.txt").exists() and not (tmp_path / "run").exists()
+
+
 def test_calibrate_into_a_read_only_checkpoint_stops_before_loading(micro_copy, tmp_path, monkeypatch, capsys):
     from mm.captioner import Captioner
 

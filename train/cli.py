@@ -22,6 +22,7 @@ def add_arguments(p: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+    from mm.checkpoint import check_output_dir
     from mm.config import preset
     from train.config import load_train_config
 
@@ -29,10 +30,12 @@ def run(args) -> int:
     if args.out:
         overrides.append(f"--out_dir={args.out}")
     try:
+        if args.export:  # written after training: refuse a path that cannot take it now, not hours later
+            check_output_dir(args.export, "--export", "config.json")
         cfg = load_train_config(args.config, overrides)
         if args.preset:
             cfg = cfg.replace(model=preset(args.preset))
-    except ConfigError as e:
+    except (ConfigError, CheckpointError) as e:
         print(f"mm train: {e}", file=sys.stderr)
         return 2
     return run_training("train", cfg, resume=args.resume, export=args.export)

@@ -58,6 +58,19 @@ def test_a_depth_is_taken_when_faster_beyond_its_noise():
     assert p.speedups(TASK)[4][0] == pytest.approx(1.1) and p.depth(TASK, 4) == 4
 
 
+def test_of_the_depths_surely_faster_the_best_mean_is_taken():
+    """A deeper chain varies more from request to request; sure enough to beat plain decoding,
+    its better mean wins over a steadier but slower depth."""
+    p = DraftPolicy()
+    feed(p, {0: 1.0})
+    for fast, steady in zip((1.1, 1.7, 1.1, 1.7), (1.24, 1.26, 1.24, 1.26)):
+        p.record(TASK, 8, 10 / fast, 10)
+        p.record(TASK, 4, 10 / steady, 10)
+    (m8, e8), (m4, e4) = p.speedups(TASK)[8], p.speedups(TASK)[4]
+    assert m8 - e8 < m4 - e4 and m8 - e8 > 1.0 and m8 > m4
+    assert p.depth(TASK, 4) == 8
+
+
 def test_a_depth_is_judged_per_request_against_the_plain_price():
     """Each request's tokens priced at plain decoding's seconds per token, over its own seconds:
     a depth that happened to get short outputs (whose fixed cost weighs more) is not judged

@@ -101,6 +101,12 @@ def test_unsupported_pipeline_settings_are_config_errors(tmp_path):
                             ({"optim": cfg.optim.replace(batch_size=6)}, "batch_size=6 does not split into pipeline.microbatches=4")]:
         with pytest.raises(ConfigError, match=message):
             check_supported(cfg.replace(**change))
+    validated = cfg.replace(eval_every=4, data=cfg.data.replace(val="val.tar"))
+    check_supported(validated)  # gpipe evaluates
+    for schedule in ("zbv", "dualpipev"):  # these fail in torch's forward-only run: refused before any step
+        with pytest.raises(ConfigError, match=f"validation .* does not run under pipeline.schedule='{schedule}'"):
+            check_supported(validated.replace(pipeline=validated.pipeline.replace(schedule=schedule)))
+        check_supported(cfg.replace(pipeline=cfg.pipeline.replace(schedule=schedule)))  # without validation they run
 
 
 @pytest.mark.parametrize("mtp_depths", [0, 2])  # 2: the MTP module chained on its own output

@@ -56,6 +56,7 @@ from train.parallel.expert_parallel import ExpertShards, any_rank, describe_expe
 from train.parallel.router import balance_routers
 from train.parallel.stages import (
     SCHEDULES,
+    V_SHAPED,
     MicrobatchLoss,
     RankParts,
     Stage,
@@ -105,6 +106,13 @@ def check_supported(cfg: TrainConfig) -> None:
     if cfg.compile:
         raise ConfigError("compile=true is not supported with pipeline.stages > 1 (zbv and dualpipev split the "
                           "backward into input and weight parts, which torch.compile does not); set compile=false")
+    if cfg.pipeline.schedule in V_SHAPED and cfg.eval_every and cfg.data.val:
+        # torch's forward-only run of the V schedules replays their training order, backward
+        # steps included, and fails mid-run (torch 2.14: "can't steal_bwd_input if this stage
+        # doesn't have backward"): refused before the first step rather than at the first evaluation
+        raise ConfigError(f"validation (eval_every={cfg.eval_every} with data.val) does not run under "
+                          f"pipeline.schedule={cfg.pipeline.schedule!r}; use gpipe, 1f1b or interleaved1f1b, "
+                          "or set eval_every=0 and evaluate the checkpoints with `mm eval`")
     if cfg.optim.batch_size % cfg.pipeline.microbatches:
         raise ConfigError(f"optim.batch_size={cfg.optim.batch_size} does not split into pipeline.microbatches="
                           f"{cfg.pipeline.microbatches} equal microbatches; use a multiple of {cfg.pipeline.microbatches}")

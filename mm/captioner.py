@@ -57,7 +57,7 @@ class Captioner:
         self.transform = build_transform(model.vision.data_config)
         self.path: Path | None = None
         self.decoder = lm.Decoder(model.lm)  # the fast decode path over this model's weights
-        # whether speculation pays here, per task (mm/draft_policy.py); None: always draft
+        # how deep MTP speculation drafts here, per task (mm/draft_policy.py); None: the trained depth, always
         self.draft_policy: DraftPolicy | None = DraftPolicy()
         self.compile_s: float | None = None
         if compile:

@@ -19,6 +19,7 @@ or already taken) stop start-up with the option named and status 2.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import html
 import json
@@ -224,53 +225,68 @@ class Shell:
 
     def _submit(self, image, task, opts):
         """One engine request; its input errors, a full queue or a stopped engine become page
-        messages, the same as the HTTP route's (mm.protocol.problem)."""
+        messages, the same as the HTTP route's (mm.protocol.problem). Decodes the image: callers
+        on the event loop run it in a worker thread."""
         try:
             return self.engine.submit(image, task, **opts)
         except Exception as e:
             raise user_error(problem(e).message) from None
 
-    def stream(self, image, task, mode, num_beams, temperature, top_p, max_new_tokens,
-               repetition_penalty, speculative, seed):
+    def _open_and_submit(self, image, task, opts):
+        return self._submit(open_image(image), task, opts)
+
+    # The handlers are coroutines: a request waiting for the engine is awaited on Gradio's event
+    # loop and holds no thread (reading the upload and drawing the routing plot, which take CPU,
+    # run in worker threads), as the OpenAI route's do. A user who leaves cancels the handler,
+    # and its `finally` frees the engine row.
+
+    async def stream(self, image, task, mode, num_beams, temperature, top_p, max_new_tokens,
+                     repetition_penalty, speculative, seed):
         """Caption tab: yields (text so far, stats, routing plot); beam search arrives whole."""
         start = time.perf_counter()
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        req = self._submit(open_image(image), task, opts)
+        req = await asyncio.to_thread(self._open_and_submit, image, task, opts)
         text, first = "", None
         try:
-            for piece in req.stream():
+            async for piece in req.astream():
                 text += piece
                 first = first if first is not None else time.perf_counter() - start
                 if opts["num_beams"] == 1:
                     yield text, "generating…", gr.skip()
+            stats = (await self._result(req)).stats
+        except gr.Error:
+            raise
         except Exception as e:  # a stopped engine or a failed forward, as `_result` words it
             raise user_error(problem(e, submitting=False).message) from None
         finally:
             req.cancel()  # a user who closed the page frees the row; no-op once finished
-        stats = self._result(req).stats
-        yield (text, stats_markdown(stats, time.perf_counter() - start, first, self.cap.threshold(task)),
-               routing_figure(stats.expert_load))
+        figure = await asyncio.to_thread(routing_figure, stats.expert_load)
+        yield text, stats_markdown(stats, time.perf_counter() - start, first, self.cap.threshold(task)), figure
 
-    def caption(self, image, task="caption", mode="greedy", num_beams=4, temperature=0.7, top_p=1.0,
-                max_new_tokens=64, repetition_penalty=1.0, speculative=True, seed=-1) -> str:
+    async def caption(self, image, task="caption", mode="greedy", num_beams=4, temperature=0.7, top_p=1.0,
+                      max_new_tokens=64, repetition_penalty=1.0, speculative=True, seed=-1) -> str:
         """The `/caption` API endpoint: the whole text at once."""
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        return self._result(self._submit(open_image(image), task, opts)).text
+        req = await asyncio.to_thread(self._open_and_submit, image, task, opts)
+        try:
+            return (await self._result(req)).text
+        finally:
+            req.cancel()
 
     @staticmethod
-    def _result(req):
+    async def _result(req):
         """The request's result; a stopped engine or a failed forward becomes a page message."""
         try:
-            return req.result()
+            return await req.aresult()
         except Exception as e:
             raise user_error(problem(e, submitting=False).message) from None
 
-    def batch(self, files, task, mode, num_beams, temperature, top_p, max_new_tokens,
-              repetition_penalty, speculative, seed):
+    async def batch(self, files, task, mode, num_beams, temperature, top_p, max_new_tokens,
+                    repetition_penalty, speculative, seed):
         """Batch tab: a row per file (an unreadable file gets its error, the rest are captioned)."""
         start = time.perf_counter()
         if not files:
@@ -280,8 +296,30 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
+        rows, pending = await asyncio.to_thread(self._submit_files, files, task, opts)
+        try:
+            for row, req in pending:
+                try:
+                    result = await self._result(req)
+                except gr.Error as e:
+                    row["error"] = e.message
+                    continue
+                row["caption"] = result.text
+                row.update(judgement(result.stats.confidence[0], self.cap, task))  # never NaN in the JSONL
+        finally:
+            for _, req in pending:
+                req.cancel()
+        tables = await asyncio.to_thread(write_tables, rows, self._table_dir())
+        table = [[r["file"], r["caption"], r["confidence"], r["unfamiliar"], r["error"]] for r in rows]
+        done = sum(not r["error"] for r in rows)
+        summary = f"{done} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
+        return table, summary, *tables
+
+    def _submit_files(self, files, task, opts) -> tuple[list[dict], list]:
+        """A row per file, and the engine requests of those that could be read: all submitted at
+        once, so the engine batches them with everyone else's."""
         rows, pending = [], []
-        for path in files:  # all submitted at once: the engine batches them with everyone else's
+        for path in files:
             row = {"file": Path(path).name, "task": task, "caption": "", "confidence": None, "unfamiliar": None,
                    "error": ""}
             try:
@@ -289,19 +327,7 @@ class Shell:
             except gr.Error as e:
                 row["error"] = e.message.replace(html.escape(str(path), quote=False), row["file"])
             rows.append(row)
-        for row, req in pending:
-            try:
-                result = self._result(req)
-            except gr.Error as e:
-                row["error"] = e.message
-                continue
-            row["caption"] = result.text
-            row.update(judgement(result.stats.confidence[0], self.cap, task))  # never NaN in the JSONL
-        tables = write_tables(rows, self._table_dir())
-        table = [[r["file"], r["caption"], r["confidence"], r["unfamiliar"], r["error"]] for r in rows]
-        done = sum(not r["error"] for r in rows)
-        summary = f"{done} of {len(rows)} images captioned in {time.perf_counter() - start:.2f} s"
-        return table, summary, *tables
+        return rows, pending
 
     def _table_dir(self) -> Path:
         """A fresh folder for one batch's tables; only the newest KEEP_BATCH_TABLES stay on disk."""

@@ -9,14 +9,15 @@ scene through the API, in every task.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import importlib.util
 import io
 import json
 import socket
 import struct
-import threading
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gradio as gr
@@ -162,37 +163,26 @@ def test_stream_ends_with_the_full_text_stats_and_routing(tiny, files):
     assert all(text.startswith(p) for p in partial)  # each update extends the text shown before
 
 
-def test_simultaneous_streams_hopping_threads_match_lone_runs(tiny, files):
-    """Gradio resumes a stream on any free worker thread, next to other users' streams, which the
-    engine decodes in the same batch: each stream's text and routing counts must be its own."""
+async def last_output(stream):
+    outs = [out async for out in stream]
+    return outs[-1] if outs else None
+
+
+def test_simultaneous_streams_on_one_loop_match_lone_runs(tiny, files):
+    """The page's handlers wait on Gradio's event loop: six streams at once, which the engine
+    decodes in the same batch, each give their own text and routing counts."""
     shell = app.Shell(tiny[0], tiny[3])
     args = ("caption", "greedy", 4, 0.7, 1.0, 12, 1.0, False, -1)
     names = ("scene", "grey", "rgba", "scene", "grey", "rgba")
-    alone = [list(shell.stream(files[name], *args))[-1] for name in names[:3]] * 2
-    streams = dict(enumerate(shell.stream(files[name], *args) for name in names))
-    last, results = {}, {}
+    alone = [asyncio.run(last_output(shell.stream(files[name], *args))) for name in names[:3]] * 2
 
-    def step(i):  # a fresh thread per step: no thread-local state carries over
-        try:
-            results[i] = next(streams[i], None)
-        except Exception as e:
-            results[i] = e
+    async def together():
+        streams = [shell.stream(files[name], *args) for name in names]
+        firsts = await asyncio.gather(*(anext(s) for s in streams))  # all six started, all waiting
+        rest = await asyncio.gather(*(last_output(s) for s in streams))
+        return [r if r is not None else f for r, f in zip(rest, firsts)]
 
-    while streams:
-        threads = [threading.Thread(target=step, args=(i,)) for i in streams]  # all step at once
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        for i, out in results.items():
-            if isinstance(out, Exception):
-                raise out
-            if out is None:
-                del streams[i]
-            else:
-                last[i] = out
-        results.clear()
-    for got, want in zip([last[i] for i in range(len(names))], alone, strict=True):
+    for got, want in zip(asyncio.run(together()), alone, strict=True):
         assert got[0] == want[0]
         routing = [out[2].axes[0].images[0].get_array() for out in (got, want)]
         assert (routing[0] == routing[1]).all()  # each stream's routing view counts only its own tokens
@@ -433,13 +423,45 @@ def test_openai_hang_up_through_the_page_server_cancels_the_request(tiny, files,
     hang_up_cancels(engine, port, chat("caption", data_url(files["scene"]), max_tokens=200), monkeypatch)
 
 
+def test_waiting_page_requests_hold_no_thread(tiny, files, monkeypatch):
+    """With one worker thread for the whole page, eight captions are all in the engine before the
+    first comes back: a handler waits for its result on the event loop, not on the thread (the
+    thread only reads each upload)."""
+    shell = app.Shell(tiny[0], tiny[3])
+    events, submit, result = [], shell._submit, shell._result
+
+    def logged_submit(*args):
+        events.append("submit")
+        return submit(*args)
+
+    async def logged_result(req):
+        out = await result(req)
+        events.append("done")
+        return out
+
+    monkeypatch.setattr(shell, "_submit", logged_submit)
+    monkeypatch.setattr(shell, "_result", logged_result)
+
+    async def eight():
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+        return await asyncio.gather(*(shell.caption(files["scene"], max_new_tokens=FEW) for _ in range(8)))
+
+    texts = asyncio.run(eight())
+    assert len(set(texts)) == 1 and texts[0] == tiny[0].caption(Image.open(files["scene"]), max_new_tokens=FEW)
+    assert events[:8] == ["submit"] * 8 and events[8:] == ["done"] * 8
+
+
 def test_batch_tables_never_hold_nan(tiny, files, monkeypatch):
     """A NaN confidence (a damaged model) is written as unknown, not as the invalid JSON `NaN`."""
     cap, engine = tiny[0], tiny[3]
     shell = app.Shell(cap, engine)
     result = type("R", (), {"text": "x", "stats": type("S", (), {"confidence": [float("nan")]})()})()
-    req = type("Q", (), {"result": lambda self, timeout=None: result})()
+    async def aresult():
+        return result
+
+    req = type("Q", (), {"aresult": lambda self: aresult(), "cancel": lambda self: None})()
     monkeypatch.setattr(shell, "_submit", lambda *a: req)
-    table, _, _, jsonl = shell.batch([files["scene"]], "caption", "greedy", 4, 0.7, 1.0, FEW, 1.0, False, -1)
+    table, _, _, jsonl = asyncio.run(shell.batch([files["scene"]], "caption", "greedy", 4, 0.7, 1.0, FEW, 1.0,
+                                                 False, -1))
     line = Path(jsonl).read_text(encoding="utf-8")
     assert "NaN" not in line and json.loads(line)["confidence"] is None and table[0][2:4] == [None, None]

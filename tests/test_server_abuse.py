@@ -384,10 +384,14 @@ def test_page_handlers_answer_bad_input_with_a_message(shell, name, image, chang
     task = kwargs.pop("task")
     image = path if image == "IMAGE" else image
     with pytest.raises(gr.Error) as e:
-        handlers.caption(image, task, **kwargs)
+        asyncio.run(handlers.caption(image, task, **kwargs))
     assert e.value.message and "Traceback" not in e.value.message
+
+    async def whole_stream():
+        return [out async for out in handlers.stream(image, task, *kwargs.values())]
+
     with pytest.raises(gr.Error):
-        list(handlers.stream(image, task, *kwargs.values()))
+        asyncio.run(whole_stream())
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -397,7 +401,8 @@ def test_page_handlers_answer_bad_input_with_a_message(shell, name, image, chang
 def test_any_page_options_caption_or_give_a_message(shell, mode, beams, temperature, top_p, tokens, penalty, seed):
     handlers, path = shell
     try:
-        text = handlers.caption(path, "caption", mode, beams, temperature, top_p, tokens, penalty, False, seed)
+        text = asyncio.run(handlers.caption(path, "caption", mode, beams, temperature, top_p, tokens, penalty,
+                                            False, seed))
     except gr.Error as e:
         assert e.message
     else:
@@ -491,7 +496,7 @@ def test_one_error_mapping_for_the_route_and_the_page(served, shell, monkeypatch
         r = client.post(URL, json=chat())
         assert (r.status_code, r.json()["error"]["type"]) == (status, kind), r.text
         with pytest.raises(gr.Error) as page:
-            handlers.caption(path, "caption", **PAGE_OPTIONS)
+            asyncio.run(handlers.caption(path, "caption", **PAGE_OPTIONS))
         assert r.json()["error"]["message"] == html.unescape(page.value.message) == problem(exc).message
     # once the engine has a request, only a stop or a cancel is not the server's own failure
     assert problem(ValueError("bad shape"), submitting=False).status == 500

@@ -235,6 +235,17 @@ class Shell:
     def _open_and_submit(self, image, task, opts):
         return self._submit(open_image(image), task, opts)
 
+    @staticmethod
+    async def _off_loop(fn, *args, requests=lambda out: [out]):
+        """fn(*args), which reads uploads and submits them, in a worker thread. A handler cancelled
+        meanwhile (the user left) cancels the requests fn submits as soon as they exist."""
+        job = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(lambda j: j.cancelled() or j.exception() or [r.cancel() for r in requests(j.result())])
+            raise
+
     # The handlers are coroutines: a request waiting for the engine is awaited on Gradio's event
     # loop and holds no thread (reading the upload and drawing the routing plot, which take CPU,
     # run in worker threads), as the OpenAI route's do. A user who leaves cancels the handler,
@@ -247,7 +258,7 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        req = await asyncio.to_thread(self._open_and_submit, image, task, opts)
+        req = await self._off_loop(self._open_and_submit, image, task, opts)
         text, first = "", None
         try:
             async for piece in req.astream():
@@ -271,7 +282,7 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        req = await asyncio.to_thread(self._open_and_submit, image, task, opts)
+        req = await self._off_loop(self._open_and_submit, image, task, opts)
         try:
             return (await self._result(req)).text
         finally:
@@ -296,7 +307,8 @@ class Shell:
         opts = decoding_options(mode, num_beams, temperature, top_p, max_new_tokens,
                                 repetition_penalty, speculative, seed)
         self._check_task(task)
-        rows, pending = await asyncio.to_thread(self._submit_files, files, task, opts)
+        rows, pending = await self._off_loop(self._submit_files, files, task, opts,
+                                             requests=lambda out: [req for _, req in out[1]])
         try:
             for row, req in pending:
                 try:

@@ -16,6 +16,7 @@ import io
 import json
 import socket
 import struct
+import threading
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -449,6 +450,36 @@ def test_waiting_page_requests_hold_no_thread(tiny, files, monkeypatch):
     texts = asyncio.run(eight())
     assert len(set(texts)) == 1 and texts[0] == tiny[0].caption(Image.open(files["scene"]), max_new_tokens=FEW)
     assert events[:8] == ["submit"] * 8 and events[8:] == ["done"] * 8
+
+
+def test_a_user_who_leaves_while_the_upload_is_read_leaves_no_request(tiny, files, monkeypatch):
+    """The handler is cancelled while its worker thread still reads the upload: the request
+    that thread then submits is cancelled as soon as it exists, not decoded for nobody."""
+    shell = app.Shell(tiny[0], tiny[3])
+    reading, release, submitted = threading.Event(), threading.Event(), []
+    open_and_submit = shell._open_and_submit
+
+    def slow_open_and_submit(*args):
+        reading.set()
+        release.wait(10)
+        submitted.append(open_and_submit(*args))
+        return submitted[-1]
+
+    monkeypatch.setattr(shell, "_open_and_submit", slow_open_and_submit)
+
+    async def leave():
+        task = asyncio.ensure_future(shell.caption(files["scene"], max_new_tokens=FEW))
+        await asyncio.to_thread(reading.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        release.set()
+        while not submitted:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the done-callback runs on the loop after the thread finishes
+
+    asyncio.run(leave())
+    assert submitted[0].cancelled
 
 
 def test_batch_tables_never_hold_nan(tiny, files, monkeypatch):

@@ -57,8 +57,9 @@ class _Task:
     runs: dict = field(default_factory=dict)  # depth -> deque of (seconds, tokens decoded)
     requests: int = 0
 
-    def at(self, depth: int) -> deque:
-        return self.runs.setdefault(depth, deque(maxlen=WINDOW))
+    def at(self, depth: int):
+        """The recent (seconds, tokens) of `depth`; empty when none was recorded."""
+        return self.runs.get(depth, ())
 
     def plain_seconds_per_token(self) -> float | None:
         plain = self.at(0)
@@ -78,8 +79,8 @@ class _Task:
 
 class DraftPolicy:
     """How many drafts a round may chain, per task, from the measured speed-up of each depth
-    over plain decoding and how sure it is (see the module docstring). Shared by every request on a decoder (a
-    Captioner keeps one); thread-safe."""
+    over plain decoding and how sure it is (see the module docstring). Shared by every
+    request on a decoder (a Captioner keeps one); thread-safe."""
 
     def __init__(self):
         self._tasks: dict[tuple, _Task] = {}
@@ -107,7 +108,7 @@ class DraftPolicy:
         if tokens <= 0 or seconds <= 0:
             return
         with self._lock:
-            self._tasks.setdefault(task, _Task()).at(depth).append((seconds, tokens))
+            self._tasks.setdefault(task, _Task()).runs.setdefault(depth, deque(maxlen=WINDOW)).append((seconds, tokens))
 
     def speedups(self, task: tuple) -> dict[int, tuple[float, float] | None]:
         """Per depth tried for `task`: its measured speed-up over plain decoding and the standard

@@ -174,7 +174,6 @@ class GenerationStats:
     forwards: int = 0  # per-sequence main-model forward passes after the prefill
     drafts: int = 0
     accepted: int = 0
-    speculative: bool = False
     depth: int = 0  # the most drafts a round could chain (0: no drafting; the deepest over folded calls)
     expert_load: list = field(default_factory=list)  # [moe layer][expert] tokens routed
     confidence: list = field(default_factory=list)  # per sequence, in order (mm/confidence.py)
@@ -183,7 +182,6 @@ class GenerationStats:
         """Fold another call's stats (of the same model) into these."""
         for name in ("prefill_s", "decode_s", "new_tokens", "rows", "forwards", "drafts", "accepted"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.speculative = self.speculative or other.speculative
         self.depth = max(self.depth, other.depth)
         if not self.expert_load:
             self.expert_load = [list(layer) for layer in other.expert_load]
@@ -191,6 +189,11 @@ class GenerationStats:
             self.expert_load = [[a + b for a, b in zip(x, y)] for x, y in zip(self.expert_load, other.expert_load)]
         self.confidence = self.confidence + other.confidence
         return self
+
+    @property
+    def speculative(self) -> bool:
+        """Whether drafts were verified (in any of the folded calls)."""
+        return self.depth > 0
 
     @property
     def acceptance(self) -> float | None:
@@ -295,8 +298,8 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
     speculative = gen.uses_speculation(model)
     if speculative and images.shape[0] != 1:
         raise ValueError("speculative streaming takes one image at a time")
-    task = tuple(prefix_ids[0].tolist())
     policy = policy if prefix_ids.shape[0] == 1 else None
+    task = tuple(prefix_ids[0].tolist()) if policy is not None else None  # the policy's key: the prompt
     depth = gen.drafts(model) if speculative else 0
     if speculative and gen.draft_tokens is None and policy is not None:  # (a depth asked for is used as is)
         depth = policy.depth(task, depth)
@@ -305,7 +308,7 @@ def stream_tokens(model, images, prefix_ids, gen: GenerationConfig, eos_id: int,
     t0 = time.perf_counter()
     fed, new = sampler.next(s.out.logits[:, -1])
     drafter = _Drafter(s, new[0][0], depth, eos_id) if depth else None
-    stats.speculative, stats.depth, produced = drafter is not None, depth, 0
+    stats.depth, produced = depth, 0
     while True:
         yield new
         stats.new_tokens += sum(map(len, new))
@@ -383,16 +386,16 @@ def generate(model, images, prefix_ids, gen: GenerationConfig, eos_id: int, deco
     stats = GenerationStats()
     if gen.num_beams > 1:
         return beam_search(model, images, prefix_ids, gen, eos_id, stats, decoder), stats
-    if gen.uses_speculation(model) and images.shape[0] > 1 and policy is not None and gen.draft_tokens is None:
-        gen = replace(gen, speculative=False)  # a batch decodes together: see mm/draft_policy.py
     if gen.uses_speculation(model) and images.shape[0] > 1:
-        # Acceptance differs per row, so speculation decodes the rows one at a time.
-        rows = [generate(model, images[i : i + 1], prefix_ids[i : i + 1], gen, eos_id, decoder, policy)
-                for i in range(len(images))]
-        merged = GenerationStats()
-        for _, st in rows:
-            merged.add(st)
-        return [r[0][0] for r in rows], merged
+        if policy is not None and gen.draft_tokens is None:  # a batch decodes together: mm/draft_policy.py
+            gen = replace(gen, speculative=False)
+        else:  # acceptance differs per row, so the rows draft one at a time
+            rows = [generate(model, images[i : i + 1], prefix_ids[i : i + 1], gen, eos_id, decoder, policy)
+                    for i in range(len(images))]
+            merged = GenerationStats()
+            for _, st in rows:
+                merged.add(st)
+            return [r[0][0] for r in rows], merged
     out = [[] for _ in range(prefix_ids.shape[0])]
     for step in stream_tokens(model, images, prefix_ids, gen, eos_id, stats, decoder, policy):
         for row, new in zip(out, step):

@@ -111,14 +111,17 @@ class Request:
                 yield value
             else:
                 self._result = value
-                if isinstance(value, BaseException):
-                    raise value
+                self._outcome()
                 return
 
     def result(self, timeout: float | None = None) -> RequestResult:
         if self._result is None:
             for _ in self.stream(timeout):
                 pass
+        return self._outcome()
+
+    def _outcome(self) -> RequestResult:
+        """The finished request's result; raises what it failed with."""
         if isinstance(self._result, BaseException):
             raise self._result
         return self._result
@@ -141,8 +144,7 @@ class Request:
                     yield value
                     continue
                 self._result = value
-                if isinstance(value, BaseException):
-                    raise value
+                self._outcome()
                 return
         finally:
             self._wakers.remove(waker)
@@ -151,9 +153,7 @@ class Request:
         if self._result is None:
             async for _ in self.astream():
                 pass
-        if isinstance(self._result, BaseException):
-            raise self._result
-        return self._result
+        return self._outcome()
 
 
 class _Row:
